@@ -1,0 +1,90 @@
+"""The one device mesh `(data, fsdp, tensor)`, built from config, and multi-host start-up.
+
+A one-device run and a pod run go through the same code: only `config.mesh` changes.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from rig_jax.errors import ConfigError
+from rig_jax.parallel.rules import MESH_AXES
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
+    """Fills one `-1` entry so the product equals `num_devices`; checks the result."""
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != len(MESH_AXES):
+        raise ConfigError(f"mesh.shape: expected {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
+    if any(s == 0 or s < -1 for s in shape):
+        raise ConfigError(f"mesh.shape: entries must be positive or -1, got {shape}")
+    if shape.count(-1) > 1:
+        raise ConfigError(f"mesh.shape: at most one -1 entry, got {shape}")
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known != 0:
+        raise ConfigError(
+            f"mesh.shape: {shape} (product {known}) does not divide the {num_devices} devices")
+    if -1 in shape:
+        shape = tuple(num_devices // known if s == -1 else s for s in shape)
+    if math.prod(shape) != num_devices:
+        raise ConfigError(
+            f"mesh.shape: {shape} uses {math.prod(shape)} of the {num_devices} devices; "
+            "the product must equal the device count (use -1 to fill)")
+    return shape
+
+
+def make_mesh(mesh_config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """Builds the mesh from `config.mesh` (`shape`: three ints, one may be -1)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = resolve_mesh_shape(mesh_config.shape, len(devices))
+    try:  # topology-aware placement on TPU/GPU; plain reshape elsewhere
+        from jax.experimental import mesh_utils
+        if jax.process_count() > 1:
+            device_array = mesh_utils.create_hybrid_device_mesh(
+                _per_host_shape(shape), _across_hosts_shape(shape), devices=devices)
+        else:
+            device_array = mesh_utils.create_device_mesh(shape, devices=devices)
+    except Exception:
+        device_array = np.asarray(devices, dtype=object).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def _across_hosts_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Puts the host split on the outermost axes (data first): the slow network carries
+    only data-parallel gradient reductions where possible."""
+    hosts = jax.process_count()
+    out = []
+    for s in shape:
+        g = math.gcd(s, hosts)
+        out.append(g)
+        hosts //= g
+    return tuple(out)
+
+
+def _per_host_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(s // h for s, h in zip(shape, _across_hosts_shape(shape), strict=True))
+
+
+def maybe_initialize_distributed(dist_config: Any) -> None:
+    """Calls `jax.distributed.initialize` when `config.distributed.enabled` is set.
+
+    On a TPU pod every field may stay empty (auto-detected); elsewhere give the
+    coordinator address, the process count and this process's id.
+    """
+    if not dist_config.get("enabled", False):
+        return
+    kwargs = {}
+    if dist_config.get("coordinator_address"):
+        kwargs["coordinator_address"] = dist_config.coordinator_address
+    if dist_config.get("num_processes", -1) > 0:
+        kwargs["num_processes"] = dist_config.num_processes
+    if dist_config.get("process_id", -1) >= 0:
+        kwargs["process_id"] = dist_config.process_id
+    if dist_config.get("local_device_ids"):
+        kwargs["local_device_ids"] = list(dist_config.local_device_ids)
+    jax.distributed.initialize(**kwargs)

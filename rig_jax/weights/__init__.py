@@ -1,0 +1,1 @@
+"""Weights: local safetensors folders (diffusers / Hugging Face layouts) <-> Flax params."""

@@ -1,0 +1,94 @@
+"""Reading and writing safetensors from local folders in the Hugging Face layouts."""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+
+import numpy as np
+
+from rig_jax.errors import WeightsError
+
+# File names the diffusers and transformers layouts use, most specific first.
+SINGLE_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+INDEX_FILE_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+
+
+def read_json(path: str) -> dict:
+    """Reads a JSON file; a missing or malformed file is a WeightsError naming it."""
+    if not os.path.isfile(path):
+        raise WeightsError(f"{path}: file not found")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise WeightsError(f"{path}: not valid JSON ({e})") from None
+
+
+def _read_file(path: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+    try:
+        return load_file(path)
+    except Exception as e:
+        # bf16 tensors cannot be read by the numpy backend: go through torch if present.
+        if "bfloat16" in str(e) or "bf16" in str(e).lower():
+            return _read_file_via_torch(path)
+        raise WeightsError(f"{path}: cannot read safetensors ({e})") from None
+
+
+def _read_file_via_torch(path: str) -> dict[str, np.ndarray]:
+    import ml_dtypes
+    from safetensors import safe_open
+    out = {}
+    with safe_open(path, framework="pt") as f:
+        for k in f.keys():
+            t = f.get_tensor(k)
+            if str(t.dtype) == "torch.bfloat16":
+                out[k] = t.view(dtype=__import__("torch").int16).numpy().view(ml_dtypes.bfloat16)
+            else:
+                out[k] = t.numpy()
+    return out
+
+
+def load_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
+    """All tensors of a model folder: one safetensors file, or shards named by an index."""
+    if not os.path.isdir(folder):
+        raise WeightsError(f"{folder}: folder not found")
+    for name in INDEX_FILE_NAMES:
+        index_path = os.path.join(folder, name)
+        if os.path.isfile(index_path):
+            index = read_json(index_path)
+            if "weight_map" not in index:
+                raise WeightsError(f"{index_path}: no 'weight_map'")
+            tensors: dict[str, np.ndarray] = {}
+            for shard in sorted(set(index["weight_map"].values())):
+                shard_path = os.path.join(folder, shard)
+                if not os.path.isfile(shard_path):
+                    raise WeightsError(f"{shard_path}: shard named in {name} not found")
+                tensors.update(_read_file(shard_path))
+            return tensors
+    for name in SINGLE_FILE_NAMES:
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return _read_file(path)
+    raise WeightsError(
+        f"{folder}: no safetensors weights (expected one of {SINGLE_FILE_NAMES + INDEX_FILE_NAMES})")
+
+
+def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,
+                     metadata: Mapping[str, str] | None = None) -> None:
+    """Writes one safetensors file atomically (temporary file, then rename)."""
+    from safetensors.numpy import save_file
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
+              metadata=dict(metadata or {"format": "pt"}))
+    os.replace(tmp, path)
+
+
+def write_json(obj: Mapping, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)

@@ -1,0 +1,113 @@
+"""Explicit key tables between Hugging Face state dicts and Flax param trees.
+
+A table maps each Flax param path to one source key and a transform. Conversion is
+strict: every key of the table must be in the file, every key of the file must be in
+the table, and every converted tensor must have the shape the Flax model expects;
+anything else is a WeightsError naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import jax
+import numpy as np
+
+from rig_jax.errors import WeightsError
+
+FlaxPath = tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How a tensor changes between the PyTorch layout and the Flax layout."""
+    name: str
+    to_flax: Callable[[np.ndarray], np.ndarray]
+    to_torch: Callable[[np.ndarray], np.ndarray]
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda x: x)
+# nn.Linear weight (out, in) <-> nn.Dense kernel (in, out)
+LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T)
+# nn.Conv2d weight (out, in, kh, kw) <-> nn.Conv kernel (kh, kw, in, out)
+CONV2D = Transform("conv2d", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
+# a 1x1 nn.Conv2d weight (out, in, 1, 1) <-> nn.Dense kernel (in, out)
+CONV1X1_TO_LINEAR = Transform("conv1x1_to_linear", lambda x: x[:, :, 0, 0].T,
+                              lambda x: x.T[:, :, None, None])
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    source_key: str
+    transform: Transform = IDENTITY
+
+
+KeyTable = Mapping[FlaxPath, Entry]
+
+
+def flatten(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> dict[FlaxPath, Any]:
+    out: dict[FlaxPath, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, prefix + (k,)))
+        else:
+            out[prefix + (k,)] = v
+    return out
+
+
+def unflatten(flat: Mapping[FlaxPath, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: Any,
+                    source: str, ignore: Callable[[str], bool] = lambda k: False
+                    ) -> dict[str, Any]:
+    """Builds a Flax param tree from a state dict through `table`.
+
+    `expected` is the (abstract) Flax param tree, e.g. `jax.eval_shape(model.init, ...)`
+    unboxed; `source` names the folder or file in error messages; `ignore(key)` marks
+    source keys that are known and deliberately unused (buffers such as position ids).
+    """
+    expected_flat = flatten(expected)
+    missing_paths = sorted(set(expected_flat) - set(table))
+    if missing_paths:
+        raise WeightsError(f"{source}: no key table entry for Flax param "
+                           f"{'/'.join(missing_paths[0])} ({len(missing_paths)} in all)")
+    used = set()
+    flat = {}
+    for path, entry in table.items():
+        if path not in expected_flat:
+            raise WeightsError(f"{source}: key table names Flax param {'/'.join(path)}, "
+                               "which the model does not have")
+        if entry.source_key not in state:
+            raise WeightsError(f"{source}: missing key {entry.source_key}")
+        value = entry.transform.to_flax(np.asarray(state[entry.source_key]))
+        want = tuple(expected_flat[path].shape)
+        if tuple(value.shape) != want:
+            raise WeightsError(
+                f"{source}: key {entry.source_key} has shape {tuple(state[entry.source_key].shape)}, "
+                f"which gives {tuple(value.shape)} for {'/'.join(path)}; expected {want}")
+        flat[path] = value.astype(expected_flat[path].dtype)
+        used.add(entry.source_key)
+    surplus = sorted(k for k in state if k not in used and not ignore(k))
+    if surplus:
+        raise WeightsError(f"{source}: unexpected key {surplus[0]} ({len(surplus)} in all)")
+    return unflatten(flat)
+
+
+def convert_to_torch(params: Mapping[str, Any], table: KeyTable) -> dict[str, np.ndarray]:
+    """The inverse of `convert_to_flax`: a state dict in the PyTorch layout (float32
+    numpy arrays, contiguous)."""
+    flat = flatten(params)
+    out = {}
+    for path, entry in table.items():
+        value = np.asarray(jax.device_get(flat[path]), dtype=np.float32)
+        out[entry.source_key] = np.ascontiguousarray(entry.transform.to_torch(value))
+    return out
