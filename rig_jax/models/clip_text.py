@@ -1,0 +1,331 @@
+"""The CLIP text encoder (transformers `CLIPTextModel`) in Flax Linen.
+
+Pre-norm transformer with a causal mask, learned absolute positions and a final layer
+norm. Param names mirror transformers (`encoder/layers_3/self_attn/q_proj/kernel` <->
+`[text_model.]encoder.layers.3.self_attn.q_proj.weight`) so that
+rig_jax/weights/clip_keys.py maps checkpoints by a flat table.
+
+Which layer conditions the U-Net: diffusers' StableDiffusionPipeline uses
+`last_hidden_state` (final layer norm applied) by default, and with `clip_skip=k` takes
+`hidden_states[-(k + 1)]` and passes it through the final layer norm. `encode(layer=
+"penultimate")` is `clip_skip=1`. SD 2.x checkpoints in the diffusers layout already
+drop OpenCLIP's last layer (23 layers in config.json), so they want `layer="last"`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rig_jax.errors import ConfigError
+from rig_jax.models.attention import dot_product_attention
+
+# Fields that shape the network, with transformers' CLIPTextConfig defaults.
+_NETWORK_DEFAULTS: dict[str, Any] = {
+    "vocab_size": 49408,
+    "hidden_size": 512,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 8,
+    "max_position_embeddings": 77,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "pad_token_id": 1,
+    "bos_token_id": 49406,
+    "eos_token_id": 49407,
+}
+# Fields that do not change inference: training-only settings, initialisation, the
+# projection of CLIPModel (not part of the text model), and generic PretrainedConfig /
+# serialisation metadata that old and new transformers versions write.
+_HARMLESS_FIELDS = frozenset({
+    "projection_dim", "attention_dropout", "dropout", "initializer_range", "initializer_factor",
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "_commit_hash", "_attn_implementation_autoset", "use_attention_mask",
+    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16",
+    "tie_word_embeddings", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "pruned_heads", "chunk_size_feed_forward",
+    "finetuning_task", "id2label", "label2id", "problem_type", "tokenizer_class", "prefix",
+    "sep_token_id", "decoder_start_token_id", "task_specific_params", "gradient_checkpointing",
+    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
+    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
+    "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss", "use_cache",
+})
+ACTIVATIONS = ("quick_gelu", "gelu")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPTextConfig:
+    """The architecture of a CLIP text encoder, read from a transformers `config.json`."""
+    vocab_size: int = 49408
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int | None = 1
+    bos_token_id: int | None = 49406
+    eos_token_id: int = 49407
+    # diffusers passes the tokenizer's attention mask only when the config says so.
+    use_attention_mask: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf(cls, d: Mapping[str, Any], source: str = "config") -> CLIPTextConfig:
+        """Parses a transformers CLIPTextConfig dict; `source` names the file in errors.
+
+        A full `CLIPModel` config (model_type "clip") is read through its `text_config`.
+        Unknown fields are a ConfigError naming the field, unless they are known metadata.
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        if d.get("model_type") == "clip" and isinstance(d.get("text_config"), Mapping):
+            d = d["text_config"]
+            source = f"{source} (text_config)"
+        model_type = d.get("model_type", "clip_text_model")
+        if model_type != "clip_text_model":
+            raise ConfigError(f"{source}: field model_type is {model_type!r}; expected clip_text_model")
+        unknown = sorted(k for k in d if k not in _NETWORK_DEFAULTS and k not in _HARMLESS_FIELDS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]} for a CLIP text model")
+        full = {**_NETWORK_DEFAULTS, **d}
+
+        def positive_int(field: str) -> int:
+            value = full[field]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{source}: field {field} must be a positive integer, got {value!r}")
+            return value
+
+        def token_id(field: str, required: bool) -> int | None:
+            value = full[field]
+            if value is None and not required:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{source}: field {field} must be a non-negative integer, got {value!r}")
+            return value
+
+        hidden, heads = positive_int("hidden_size"), positive_int("num_attention_heads")
+        if hidden % heads:
+            raise ConfigError(f"{source}: field num_attention_heads = {heads} does not divide "
+                              f"hidden_size = {hidden}")
+        if full["hidden_act"] not in ACTIVATIONS:
+            raise ConfigError(f"{source}: field hidden_act = {full['hidden_act']!r}; "
+                              f"supported: {ACTIVATIONS}")
+        eps = full["layer_norm_eps"]
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
+            raise ConfigError(f"{source}: field layer_norm_eps must be a positive number, got {eps!r}")
+        use_mask = d.get("use_attention_mask", False)
+        if not isinstance(use_mask, bool):
+            raise ConfigError(f"{source}: field use_attention_mask must be true or false, got {use_mask!r}")
+        return cls(
+            vocab_size=positive_int("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=positive_int("intermediate_size"),
+            num_hidden_layers=positive_int("num_hidden_layers"),
+            num_attention_heads=heads,
+            max_position_embeddings=positive_int("max_position_embeddings"),
+            hidden_act=full["hidden_act"],
+            layer_norm_eps=float(eps),
+            pad_token_id=token_id("pad_token_id", required=False),
+            bos_token_id=token_id("bos_token_id", required=False),
+            eos_token_id=token_id("eos_token_id", required=True),
+            use_attention_mask=use_mask,
+        )
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers `config.json` content for this architecture."""
+        return {
+            "architectures": ["CLIPTextModel"],
+            "model_type": "clip_text_model",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "max_position_embeddings": self.max_position_embeddings,
+            "hidden_act": self.hidden_act,
+            "layer_norm_eps": self.layer_norm_eps,
+            "pad_token_id": self.pad_token_id,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+        }
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _dense(features: int, names: tuple[str, str], dtype: Any, param_dtype: Any,
+           name: str | None = None) -> nn.Dense:
+    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+
+
+def _layer_norm(eps: float, dtype: Any, param_dtype: Any, name: str | None = None) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "quick_gelu":
+        return x * jax.nn.sigmoid(1.702 * x)
+    return jax.nn.gelu(x, approximate=False)
+
+
+class CLIPAttention(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg = self.config
+        batch, length, _ = x.shape
+        split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
+        q, k, v = (split(_dense(cfg.hidden_size, ("embed", "heads"), self.dtype, self.param_dtype, name)(x))
+                   for name in ("q_proj", "k_proj", "v_proj"))
+        out = dot_product_attention(q, k, v, mask=mask).reshape(batch, length, cfg.hidden_size)
+        return _dense(cfg.hidden_size, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")(out)
+
+
+class CLIPMLP(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.config
+        h = _dense(cfg.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
+        h = _activation(cfg.hidden_act, h)
+        return _dense(cfg.hidden_size, ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        h = _layer_norm(cfg.layer_norm_eps, dt, pdt, "layer_norm1")(x)
+        x = x + CLIPAttention(cfg, dt, pdt, name="self_attn")(h, mask)
+        h = _layer_norm(cfg.layer_norm_eps, dt, pdt, "layer_norm2")(x)
+        x = x + CLIPMLP(cfg, dt, pdt, name="mlp")(h)
+        return nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+
+class CLIPEmbeddings(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        cfg = self.config
+        token = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+                         embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                     ("vocab", "embed")),
+                         name="token_embedding")
+        position = nn.Embed(cfg.max_position_embeddings, cfg.hidden_size, dtype=self.dtype,
+                            param_dtype=self.param_dtype,
+                            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
+                                                                        (None, "embed")),
+                            name="position_embedding")
+        positions = jnp.arange(input_ids.shape[-1])[None, :]
+        return token(input_ids) + position(positions)
+
+
+class CLIPEncoder(nn.Module):
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.layers = [CLIPEncoderLayer(self.config, self.dtype, self.param_dtype)
+                       for _ in range(self.config.num_hidden_layers)]
+
+    def __call__(self, x: jax.Array, mask: jax.Array, num_layers: int) -> tuple[jax.Array, ...]:
+        """Runs the first `num_layers` layers; returns the input and every layer output."""
+        states = [x]
+        for layer in self.layers[:num_layers]:
+            states.append(layer(states[-1], mask))
+        return tuple(states)
+
+
+class CLIPTextModel(nn.Module):
+    """`__call__(input_ids, attention_mask=None)` -> dict with `last_hidden_state` (final
+    layer norm applied), `hidden_states` (embeddings and every layer output, before the
+    final norm) and `pooled_output` (last_hidden_state at the EOS token, found as
+    transformers does). Outputs are in the compute dtype.
+    """
+    config: CLIPTextConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        self.embeddings = CLIPEmbeddings(self.config, self.dtype, self.param_dtype)
+        self.encoder = CLIPEncoder(self.config, self.dtype, self.param_dtype)
+        self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, self.dtype, self.param_dtype)
+
+    def _hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None,
+                       num_layers: int) -> tuple[jax.Array, ...]:
+        length = input_ids.shape[-1]
+        if length > self.config.max_position_embeddings:
+            raise ConfigError(f"input_ids: length {length} exceeds max_position_embeddings "
+                              f"{self.config.max_position_embeddings}")
+        mask = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask.astype(jnp.bool_)[:, None, None, :]
+        x = nn.with_logical_constraint(self.embeddings(input_ids), ("batch", "length", "embed"))
+        return self.encoder(x, mask, num_layers)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> dict[str, Any]:
+        states = self._hidden_states(input_ids, attention_mask, self.config.num_hidden_layers)
+        last = self.final_layer_norm(states[-1])
+        return {"last_hidden_state": last, "hidden_states": states,
+                "pooled_output": pool_at_eos(last, input_ids, self.config.eos_token_id)}
+
+    def encode(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               layer: str = "last") -> jax.Array:
+        """Text conditioning for a U-Net: `layer="last"` is `last_hidden_state`;
+        `"penultimate"` is the second-to-last layer output through the final layer norm
+        (diffusers' `clip_skip=1`), and skips computing the last layer."""
+        if layer == "last":
+            num_layers = self.config.num_hidden_layers
+        elif layer == "penultimate":
+            if self.config.num_hidden_layers < 2:
+                raise ConfigError("layer: 'penultimate' needs at least 2 hidden layers")
+            num_layers = self.config.num_hidden_layers - 1
+        else:
+            raise ConfigError(f"layer: expected 'last' or 'penultimate', got {layer!r}")
+        states = self._hidden_states(input_ids, attention_mask, num_layers)
+        return self.final_layer_norm(states[-1])
+
+
+def pool_at_eos(last_hidden_state: jax.Array, input_ids: jax.Array, eos_token_id: int) -> jax.Array:
+    """The hidden state at the first EOS token of each row. With `eos_token_id == 2` (configs
+    written before transformers PR #24773) the EOS is the largest id in the row, as transformers does."""
+    if eos_token_id == 2:
+        index = jnp.argmax(input_ids, axis=-1)
+    else:
+        index = jnp.argmax((input_ids == eos_token_id).astype(jnp.int32), axis=-1)
+    return jnp.take_along_axis(last_hidden_state, index[:, None, None], axis=1)[:, 0]
+
+
+def init_params(module: CLIPTextModel, rng: jax.Array, length: int = 0) -> Any:
+    """Random (boxed, logically partitioned) variables from `module.init` on dummy ids."""
+    length = length or module.config.max_position_embeddings
+    return module.init(rng, jnp.zeros((1, length), jnp.int32))

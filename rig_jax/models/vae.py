@@ -1,0 +1,441 @@
+"""AutoencoderKL (the Stable Diffusion 1.x / 2.x VAE) in the diffusers layout, NHWC.
+
+The module mirrors diffusers' `AutoencoderKL` block for block so that a checkpoint maps
+onto it by a flat key table (rig_jax/weights/vae_keys.py) and the outputs match the
+PyTorch reference to float32 rounding. Param names follow the diffusers names
+(`encoder/down_blocks_0/resnets_1/conv1/kernel` <-> `encoder.down_blocks.0.resnets.1.conv1.weight`).
+
+Latent scaling (`scaling_factor`) is left to the caller, as in diffusers: `encode` gives
+the unscaled posterior and `decode` takes unscaled latents.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rig_jax.errors import ConfigError
+from rig_jax.models.attention import dot_product_attention
+
+CONV_NAMES = (None, None, "conv_in", "conv_out")
+NORM_EPS = 1e-6            # diffusers hard-codes eps=1e-6 for every VAE norm
+LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
+ACTIVATION_NAMES = ("batch", "height", "width", "channels")
+
+# Fields of the diffusers AutoencoderKL config, with the defaults diffusers uses.
+_DEFAULTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",),
+    "up_block_types": ("UpDecoderBlock2D",),
+    "block_out_channels": (64,),
+    "layers_per_block": 1,
+    "act_fn": "silu",
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 32,
+    "scaling_factor": 0.18215,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": True,
+    "use_post_quant_conv": True,
+    "mid_block_add_attention": True,
+}
+
+
+def _int(d: Mapping[str, Any], field: str, source: str, minimum: int = 1) -> int:
+    value = d[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{source}: field {field} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _bool(d: Mapping[str, Any], field: str, source: str) -> bool:
+    value = d[field]
+    if not isinstance(value, bool):
+        raise ConfigError(f"{source}: field {field} must be true or false, got {value!r}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEConfig:
+    """The architecture of an AutoencoderKL, read from a diffusers `config.json`."""
+    in_channels: int = 3
+    out_channels: int = 3
+    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
+    layers_per_block: int = 2
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: int | tuple[int, int] = 512
+    scaling_factor: float = 0.18215
+    shift_factor: float | None = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    @property
+    def down_block_types(self) -> tuple[str, ...]:
+        return ("DownEncoderBlock2D",) * len(self.block_out_channels)
+
+    @property
+    def up_block_types(self) -> tuple[str, ...]:
+        return ("UpDecoderBlock2D",) * len(self.block_out_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Image pixels per latent pixel along each side (8 for SD)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_diffusers(cls, d: Mapping[str, Any], source: str = "config") -> VAEConfig:
+        """Parses a diffusers AutoencoderKL config dict; `source` names the file in errors.
+
+        Every field the network depends on is checked: a value this implementation does not
+        build (another block type, activation, a latent shift) is a ConfigError naming the
+        field, and so is a field diffusers' AutoencoderKL does not have. Keys starting with
+        `_` are diffusers metadata (`_class_name`, `_diffusers_version`, ...).
+        """
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        class_name = d.get("_class_name", "AutoencoderKL")
+        if class_name != "AutoencoderKL":
+            raise ConfigError(f"{source}: field _class_name is {class_name!r}; only AutoencoderKL "
+                              "is supported")
+        unknown = sorted(k for k in d if not k.startswith("_") and k not in _DEFAULTS)
+        if unknown:
+            raise ConfigError(f"{source}: unknown field {unknown[0]} for AutoencoderKL")
+        full = {**_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
+
+        channels = full["block_out_channels"]
+        if (not isinstance(channels, (list, tuple)) or not channels
+                or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
+            raise ConfigError(f"{source}: field block_out_channels must be a non-empty list of positive "
+                              f"integers, got {channels!r}")
+        channels = tuple(channels)
+        for field, block in (("down_block_types", "DownEncoderBlock2D"),
+                             ("up_block_types", "UpDecoderBlock2D")):
+            types = full[field]
+            if not isinstance(types, (list, tuple)) or len(types) != len(channels):
+                raise ConfigError(f"{source}: field {field} must list one block per block_out_channels entry "
+                                  f"({len(channels)}), got {types!r}")
+            if any(t != block for t in types):
+                raise ConfigError(f"{source}: field {field} = {list(types)!r}; only {block} is supported")
+        if full["act_fn"] not in ("silu", "swish"):
+            raise ConfigError(f"{source}: field act_fn = {full['act_fn']!r}; only silu is supported")
+        if full["shift_factor"] not in (None, 0, 0.0):
+            raise ConfigError(f"{source}: field shift_factor = {full['shift_factor']!r}; only null or 0 "
+                              "is supported")
+        for field in ("latents_mean", "latents_std"):
+            if full[field] is not None:
+                raise ConfigError(f"{source}: field {field} is set; per-channel latent statistics are "
+                                  "not supported (only null)")
+        if not _bool(full, "mid_block_add_attention", source):
+            raise ConfigError(f"{source}: field mid_block_add_attention = false is not supported")
+        groups = _int(full, "norm_num_groups", source)
+        bad = [c for c in channels if c % groups]
+        if bad:
+            raise ConfigError(f"{source}: field norm_num_groups = {groups} does not divide "
+                              f"block_out_channels entry {bad[0]}")
+        scaling = full["scaling_factor"]
+        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or scaling <= 0:
+            raise ConfigError(f"{source}: field scaling_factor must be a positive number, got {scaling!r}")
+        sample_size = full["sample_size"]
+        if isinstance(sample_size, (list, tuple)):
+            if len(sample_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int)
+                                            for s in sample_size):
+                raise ConfigError(f"{source}: field sample_size must be an integer or [height, width], "
+                                  f"got {sample_size!r}")
+            sample_size = (int(sample_size[0]), int(sample_size[1]))
+        elif isinstance(sample_size, bool) or not isinstance(sample_size, int):
+            raise ConfigError(f"{source}: field sample_size must be an integer or [height, width], "
+                              f"got {sample_size!r}")
+        return cls(
+            in_channels=_int(full, "in_channels", source),
+            out_channels=_int(full, "out_channels", source),
+            block_out_channels=channels,
+            layers_per_block=_int(full, "layers_per_block", source),
+            latent_channels=_int(full, "latent_channels", source),
+            norm_num_groups=groups,
+            sample_size=sample_size,
+            scaling_factor=float(scaling),
+            shift_factor=None if full["shift_factor"] is None else 0.0,
+            force_upcast=_bool(full, "force_upcast", source),
+            use_quant_conv=_bool(full, "use_quant_conv", source),
+            use_post_quant_conv=_bool(full, "use_post_quant_conv", source),
+            mid_block_add_attention=True,
+        )
+
+    def to_diffusers(self) -> dict[str, Any]:
+        """The diffusers `config.json` content for this architecture."""
+        sample_size = list(self.sample_size) if isinstance(self.sample_size, tuple) else self.sample_size
+        return {
+            "_class_name": "AutoencoderKL",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "down_block_types": list(self.down_block_types),
+            "up_block_types": list(self.up_block_types),
+            "block_out_channels": list(self.block_out_channels),
+            "layers_per_block": self.layers_per_block,
+            "act_fn": "silu",
+            "latent_channels": self.latent_channels,
+            "norm_num_groups": self.norm_num_groups,
+            "sample_size": sample_size,
+            "scaling_factor": self.scaling_factor,
+            "shift_factor": self.shift_factor,
+            "latents_mean": None,
+            "latents_std": None,
+            "force_upcast": self.force_upcast,
+            "use_quant_conv": self.use_quant_conv,
+            "use_post_quant_conv": self.use_post_quant_conv,
+            "mid_block_add_attention": self.mid_block_add_attention,
+        }
+
+
+# ----------------------------------------------------------------------------- layers
+
+def _conv(features: int, kernel: int, name: str | None, dtype: Any, param_dtype: Any, stride: int = 1,
+          padding: Any = "SAME") -> nn.Conv:
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, name=name,
+                   dtype=dtype, param_dtype=param_dtype,
+                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_NAMES),
+                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
+
+
+def _group_norm(groups: int, name: str, dtype: Any, param_dtype: Any) -> nn.GroupNorm:
+    # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-mean^2.
+    return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS, name=name, dtype=dtype,
+                        param_dtype=param_dtype, use_fast_variance=False,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
+
+
+def _dense(features: int, names: tuple[str, str], name: str, dtype: Any, param_dtype: Any) -> nn.Dense:
+    return nn.Dense(features, name=name, dtype=dtype, param_dtype=param_dtype,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
+
+
+class ResnetBlock(nn.Module):
+    """diffusers ResnetBlock2D without a time embedding: norm-silu-conv twice, plus a
+    1x1 shortcut conv when the channel count changes."""
+    out_channels: int
+    groups: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = _group_norm(self.groups, "norm1", self.dtype, self.param_dtype)(x)
+        h = nn.silu(h)
+        h = _conv(self.out_channels, 3, "conv1", self.dtype, self.param_dtype, padding=((1, 1), (1, 1)))(h)
+        h = _group_norm(self.groups, "norm2", self.dtype, self.param_dtype)(h)
+        h = nn.silu(h)
+        h = _conv(self.out_channels, 3, "conv2", self.dtype, self.param_dtype, padding=((1, 1), (1, 1)))(h)
+        if x.shape[-1] != self.out_channels:
+            x = _conv(self.out_channels, 1, "conv_shortcut", self.dtype, self.param_dtype, padding="VALID")(x)
+        return x + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """The VAE mid-block attention: group norm, then one head over all H*W positions
+    (head width = channels), output projection and residual."""
+    groups: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        h = _group_norm(self.groups, "group_norm", self.dtype, self.param_dtype)(x)
+        h = h.reshape(batch, height * width, channels)
+        q, k, v = (_dense(channels, ("embed", "heads"), name, self.dtype, self.param_dtype)(h)
+                   for name in ("to_q", "to_k", "to_v"))
+        heads = lambda t: t.reshape(batch, height * width, 1, channels)
+        out = dot_product_attention(heads(q), heads(k), heads(v))
+        out = out.reshape(batch, height * width, channels)
+        out = _dense(channels, ("heads", "embed"), "to_out_0", self.dtype, self.param_dtype)(out)
+        return x + out.reshape(batch, height, width, channels)
+
+
+class MidBlock(nn.Module):
+    """resnet, attention, resnet at the lowest resolution."""
+    channels: int
+    groups: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = ResnetBlock(self.channels, self.groups, self.dtype, self.param_dtype, name="resnets_0")(x)
+        x = SpatialSelfAttention(self.groups, self.dtype, self.param_dtype, name="attentions_0")(x)
+        return ResnetBlock(self.channels, self.groups, self.dtype, self.param_dtype, name="resnets_1")(x)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after diffusers' asymmetric zero pad (right 1, bottom 1)."""
+    channels: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype, stride=2,
+                     padding=((0, 1), (0, 1)))(x)
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour 2x, then a 3x3 conv."""
+    channels: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype, padding=((1, 1), (1, 1)))(x)
+
+
+class EncoderBlock(nn.Module):
+    """diffusers DownEncoderBlock2D: resnets, then an optional downsampler."""
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_downsample: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_layers):
+            x = ResnetBlock(self.out_channels, self.groups, self.dtype, self.param_dtype,
+                            name=f"resnets_{j}")(x)
+        if self.add_downsample:
+            x = Downsample(self.out_channels, self.dtype, self.param_dtype, name="downsamplers_0")(x)
+        return nn.with_logical_constraint(x, ACTIVATION_NAMES)
+
+
+class DecoderBlock(nn.Module):
+    """diffusers UpDecoderBlock2D: resnets, then an optional upsampler."""
+    out_channels: int
+    num_layers: int
+    groups: int
+    add_upsample: bool
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for j in range(self.num_layers):
+            x = ResnetBlock(self.out_channels, self.groups, self.dtype, self.param_dtype,
+                            name=f"resnets_{j}")(x)
+        if self.add_upsample:
+            x = Upsample(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(x)
+        return nn.with_logical_constraint(x, ACTIVATION_NAMES)
+
+
+class Encoder(nn.Module):
+    """Image -> 2 * latent_channels moments (before quant_conv)."""
+    config: VAEConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        channels = cfg.block_out_channels
+        x = _conv(channels[0], 3, "conv_in", dt, pdt, padding=((1, 1), (1, 1)))(x)
+        for i, out_ch in enumerate(channels):
+            x = EncoderBlock(out_ch, cfg.layers_per_block, cfg.norm_num_groups,
+                             add_downsample=i < len(channels) - 1, dtype=dt, param_dtype=pdt,
+                             name=f"down_blocks_{i}")(x)
+        x = MidBlock(channels[-1], cfg.norm_num_groups, dt, pdt, name="mid_block")(x)
+        x = nn.silu(_group_norm(cfg.norm_num_groups, "conv_norm_out", dt, pdt)(x))
+        return _conv(2 * cfg.latent_channels, 3, "conv_out", dt, pdt, padding=((1, 1), (1, 1)))(x)
+
+
+class Decoder(nn.Module):
+    """Latents (after post_quant_conv) -> image."""
+    config: VAEConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        cfg, dt, pdt = self.config, self.dtype, self.param_dtype
+        channels = tuple(reversed(cfg.block_out_channels))
+        x = _conv(channels[0], 3, "conv_in", dt, pdt, padding=((1, 1), (1, 1)))(z)
+        x = MidBlock(channels[0], cfg.norm_num_groups, dt, pdt, name="mid_block")(x)
+        for i, out_ch in enumerate(channels):
+            x = DecoderBlock(out_ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
+                             add_upsample=i < len(channels) - 1, dtype=dt, param_dtype=pdt,
+                             name=f"up_blocks_{i}")(x)
+        x = nn.silu(_group_norm(cfg.norm_num_groups, "conv_norm_out", dt, pdt)(x))
+        return _conv(cfg.out_channels, 3, "conv_out", dt, pdt, padding=((1, 1), (1, 1)))(x)
+
+
+class AutoencoderKL(nn.Module):
+    """The KL autoencoder. `encode` gives the posterior `(mean, logvar)`, `decode` the image.
+
+    Images are NHWC in [-1, 1]; latents are NHWC with `latent_channels` channels and
+    `downsample_factor` fewer pixels per side. Outputs are float32 whatever `dtype` is,
+    because the scheduler math that consumes latents runs in float32.
+    Calling the module runs encode then decode of the mean (used for `init`).
+    """
+    config: VAEConfig
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    def setup(self) -> None:
+        cfg = self.config
+        self.encoder = Encoder(cfg, self.dtype, self.param_dtype)
+        self.decoder = Decoder(cfg, self.dtype, self.param_dtype)
+        if cfg.use_quant_conv:
+            self.quant_conv = _conv(2 * cfg.latent_channels, 1, None, self.dtype, self.param_dtype,
+                                    padding="VALID")
+        if cfg.use_post_quant_conv:
+            self.post_quant_conv = _conv(cfg.latent_channels, 1, None, self.dtype,
+                                         self.param_dtype, padding="VALID")
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Image (B, H, W, in_channels) in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent_channels),
+        logvar clipped to [-30, 20] as diffusers' DiagonalGaussianDistribution does."""
+        moments = self.encoder(x.astype(self.dtype))
+        if self.config.use_quant_conv:
+            moments = self.quant_conv(moments)
+        moments = moments.astype(jnp.float32)
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return mean, jnp.clip(logvar, *LOGVAR_RANGE)
+
+    def decode(self, z: jax.Array) -> jax.Array:
+        """Unscaled latents (B, h, w, latent_channels) -> image (B, h*f, w*f, out_channels), float32."""
+        z = z.astype(self.dtype)
+        if self.config.use_post_quant_conv:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).astype(jnp.float32)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        mean, _ = self.encode(x)
+        return self.decode(mean)
+
+
+def sample_latent(mean: jax.Array, logvar: jax.Array, rng: jax.Array) -> jax.Array:
+    """A draw from the diagonal Gaussian posterior: mean + exp(logvar / 2) * noise."""
+    noise = jax.random.normal(rng, mean.shape, dtype=jnp.float32)
+    return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
+
+
+def init_params(module: AutoencoderKL, rng: jax.Array, image_size: int = 0) -> Any:
+    """Random (boxed, logically partitioned) params: `module.init` on a small dummy image.
+
+    Unbox with `nn.meta.unbox` for a plain tree; the `params` collection is what `apply` takes.
+    """
+    side = image_size or module.config.downsample_factor * 2
+    dummy = jnp.zeros((1, side, side, module.config.in_channels), jnp.float32)
+    return module.init(rng, dummy)
