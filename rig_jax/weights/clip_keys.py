@@ -27,7 +27,6 @@ from rig_jax.weights.mapping import (
     convert_to_flax,
     convert_to_torch,
 )
-from rig_jax.weights.vae_keys import check_params_cover_table
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -118,8 +117,7 @@ def save_clip_text(folder: str, config_dict: Mapping[str, Any] | CLIPTextConfig,
     if set(params) == {"params"}:
         params = params["params"]
     table = clip_key_table(config, LAYOUT_PREFIXES[layout])
-    check_params_cover_table(params, table, source=folder)
-    state = convert_to_torch(params, table)
+    state = convert_to_torch(params, table, source=folder)
     os.makedirs(folder, exist_ok=True)
     save_safetensors(state, os.path.join(folder, WEIGHTS_NAME))
     write_json(out_config, os.path.join(folder, CONFIG_NAME))

@@ -102,9 +102,24 @@ def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: 
     return unflatten(flat)
 
 
-def convert_to_torch(params: Mapping[str, Any], table: KeyTable) -> dict[str, np.ndarray]:
+def check_params_cover_table(params: Mapping[str, Any], table: KeyTable, source: str) -> None:
+    """The param tree must hold exactly the table's paths: a WeightsError names the first
+    missing or surplus param (before an export writes anything)."""
+    have = set(flatten(params))
+    missing = sorted(set(table) - have)
+    if missing:
+        raise WeightsError(f"{source}: params lack {'/'.join(missing[0])} ({len(missing)} in all)")
+    surplus = sorted(have - set(table))
+    if surplus:
+        raise WeightsError(f"{source}: params hold {'/'.join(surplus[0])}, which the key table does not "
+                           f"name ({len(surplus)} in all)")
+
+
+def convert_to_torch(params: Mapping[str, Any], table: KeyTable, source: str = "params"
+                     ) -> dict[str, np.ndarray]:
     """The inverse of `convert_to_flax`: a state dict in the PyTorch layout (float32
-    numpy arrays, contiguous)."""
+    numpy arrays, contiguous). The params must match the table exactly."""
+    check_params_cover_table(params, table, source)
     flat = flatten(params)
     out = {}
     for path, entry in table.items():

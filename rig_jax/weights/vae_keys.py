@@ -26,7 +26,6 @@ from rig_jax.weights.mapping import (
     KeyTable,
     convert_to_flax,
     convert_to_torch,
-    flatten,
 )
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -149,21 +148,7 @@ def save_vae(folder: str, config_dict: Mapping[str, Any] | VAEConfig, params: Ma
     if set(params) == {"params"}:
         params = params["params"]
     table = vae_key_table(config)
-    check_params_cover_table(params, table, source=folder)
-    state = convert_to_torch(params, table)
+    state = convert_to_torch(params, table, source=folder)
     os.makedirs(folder, exist_ok=True)
     save_safetensors(state, os.path.join(folder, WEIGHTS_NAME))
     write_json(out_config, os.path.join(folder, CONFIG_NAME))
-
-
-def check_params_cover_table(params: Mapping[str, Any], table: KeyTable, source: str) -> None:
-    """Before export: the param tree must hold exactly the table's paths (a WeightsError
-    names the first missing or surplus param)."""
-    have = set(flatten(params))
-    missing = sorted(set(table) - have)
-    if missing:
-        raise WeightsError(f"{source}: params lack {'/'.join(missing[0])} ({len(missing)} in all)")
-    surplus = sorted(have - set(table))
-    if surplus:
-        raise WeightsError(f"{source}: params hold {'/'.join(surplus[0])}, which the key table does not "
-                           f"name ({len(surplus)} in all)")
