@@ -1,7 +1,7 @@
 """Scaled dot-product attention for every model, through `jax.nn.dot_product_attention`.
 
-GPUs get cuDNN flash attention (bf16/fp16); other platforms and dtypes use the XLA
-path, which is exact in float32 and is what the parity tests check.
+GPUs get cuDNN flash attention (bf16/fp16, unmasked calls); other platforms, dtypes and
+masked calls use the XLA path, which is exact in float32 and is what the parity tests check.
 """
 from __future__ import annotations
 
@@ -30,7 +30,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
         query, key, value = (x.astype(jnp.float32) for x in (query, key, value))
         bias = None if bias is None else bias.astype(jnp.float32)
     implementation = _implementation(query.dtype)
-    if implementation == "cudnn" and (bias is not None or query.shape[-1] % 8 != 0):
+    # cuDNN only where it is known to take the call (no mask/bias: the U-Net's and CLIP's
+    # attention); masked calls (VLM windows, KV caches) could be refused at compile time,
+    # outside this function's reach, so they stay on XLA.
+    if implementation == "cudnn" and (bias is not None or mask is not None or query.shape[-1] % 8 != 0):
         implementation = None
     try:
         out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
