@@ -17,7 +17,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.world.image_size = 32
     c.world.min_objects = 2
     c.world.max_objects = 3
-    c.world.colour_only = False
+    c.world.colour_only = "auto"    # auto (colour-only at <= 16 px) | on | off
 
     c.data = ml_collections.ConfigDict()
     c.data.num_records = {"demo": 256, "tiny": 16}.get(variant, 256)
@@ -25,7 +25,7 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.data.noise_sigma = 0.05      # Gaussian pixel noise added to the renders the judge reads
 
     c.eval = ml_collections.ConfigDict()
-    c.eval.judge = "shapes"
+    c.eval.judge = "shapes"         # the pixel detector; the VLM judge runs through rig-eval
     c.eval.grid_size = 64           # images in the PNG grid
 
     if variant not in ("demo", "tiny"):

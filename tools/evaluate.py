@@ -12,8 +12,6 @@ and `grid.png`.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -122,20 +120,9 @@ def build_vlm_judge(args: argparse.Namespace) -> Judge:
     return vlm_judge.VLMJudge(generate, with_attributes=True, batch_size=args.batch_size)
 
 
-def _triplets_text(triplets: Sequence[tuple[str, str, str]]) -> str:
-    return "; ".join(" ".join(t) for t in triplets)
-
-
-def _verdicts_text(verdicts: Sequence[bool | None]) -> str:
-    return "".join({True: "1", False: "0", None: "?"}[v] for v in verdicts)
-
-
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """Runs the evaluation the parsed arguments ask for; returns the metrics it wrote."""
     from tqdm import tqdm
-
-    from rig_jax.eval.report import ReportRow, save_png_grid, write_html_report
-    from rig_jax.eval.scene_graph_iou import score_dataset, score_record
 
     if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
         raise ConfigError("--batch-size and --limit must be at least 1")
@@ -179,50 +166,14 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
             kept_images += batch[:max(0, keep - len(kept_images))]
             bar.update(len(batch))
 
-    preds = [r.graph for r in results]
-    ratings = [r.rating for r in results if r.rating is not None]
-    metrics: dict[str, Any] = {"judge": args.judge, **score_dataset(preds, graphs)}
-    metrics.update({
-        "judge_score": float(np.mean([r.judge_score for r in results])),
-        "rating_mean": float(np.mean(ratings)) if ratings else None,
-        "num_rated": len(ratings),
-        "malformed": sum(r.malformed for r in results),
-        "seconds_per_image": judge_seconds / len(results),
-        "records_file": os.path.abspath(args.records),
-        "image_dir": os.path.abspath(args.images),
-    })
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    from rig_jax.eval.report import write_evaluation
 
-    per_record = [score_record(p, g) for p, g in zip(preds, graphs, strict=True)]
-    with open(os.path.join(args.out, "per_record.csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        keys = list(per_record[0])
-        writer.writerow(["img_id", "name", "prompt", "judge_score", "rating", "malformed", *keys,
-                         "verdicts", "extracted"])
-        for rec, g, r, s in zip(records, graphs, results, per_record, strict=True):
-            writer.writerow([rec["img_id"], rec["name"], g.prompt(), f"{r.judge_score:.4f}",
-                             "" if r.rating is None else r.rating, int(r.malformed),
-                             *(f"{s[k]:.4f}" for k in keys), _verdicts_text(r.triplet_verdicts),
-                             _triplets_text(r.graph.triplets())])
-
-    rows = [ReportRow(name=rec["name"], image=img, prompt=g.prompt(), triplets=g.triplets(),
-                      verdicts=r.triplet_verdicts, extracted=r.graph.triplets(), objects=r.graph.objects(),
-                      scores={"judge": r.judge_score, "rating": r.rating, "malformed": r.malformed, **s},
-                      raw=r.raw)
-            for rec, g, r, s, img in zip(records, graphs, results, per_record, kept_images[:args.report_rows],
-                                         strict=False)]
-    title = f"rig-eval: {os.path.basename(args.records)} ({args.judge} judge)"
-    write_html_report(os.path.join(args.out, "report.html"), rows, title, metrics)
-    if args.grid_size > 0 and kept_images:
-        save_png_grid(os.path.join(args.out, "grid.png"), kept_images[:args.grid_size], ncols=8,
-                      scale=max(1, 128 // kept_images[0].shape[0]))
-
-    print(f"{metrics['num_records']} records: SG-IoU {metrics['sg_iou_attr']:.4f} (labels "
-          f"{metrics['sg_iou_label']:.4f}), Entity-IoU {metrics['entity_iou_attr']:.4f}, "
-          f"Relation-IoU {metrics['relation_iou_attr']:.4f}, judge {metrics['judge_score']:.4f}; "
-          f"wrote {args.out}/metrics.json, per_record.csv, report.html, grid.png")
+    metrics = write_evaluation(args.out, records, graphs, results, kept_images, judge_name=args.judge,
+                               judge_seconds=judge_seconds, report_rows=args.report_rows,
+                               grid_size=args.grid_size,
+                               title=f"rig-eval: {os.path.basename(args.records)} ({args.judge} judge)",
+                            extra={"records_file": os.path.abspath(args.records),
+                                   "image_dir": os.path.abspath(args.images)})
     return metrics
 
 

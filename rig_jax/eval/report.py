@@ -1,4 +1,5 @@
-"""Evaluation reports a person can read: one self-contained HTML page and a PNG grid.
+"""Evaluation outputs: metrics JSON, a per-record CSV, and what a person reads: one
+self-contained HTML page and a PNG grid.
 
 Why self-contained: the page is copied off machines and attached to results, so images are
 inlined as base64 PNGs (nearest-neighbour upscaled: a 32x32 render is unreadable at 1:1)
@@ -8,15 +9,19 @@ prompts and raw judge answers are arbitrary strings.
 from __future__ import annotations
 
 import base64
+import csv
 import dataclasses
 import html
 import io
+import json
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from rig_jax.data.scene_graph import Triplet
+from rig_jax.data.scene_graph import SceneGraph, Triplet
+from rig_jax.eval.base import JudgeResult
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,3 +160,64 @@ def write_html_report(path: str, rows: Sequence[ReportRow], title: str,
     os.makedirs(parent, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
         f.write(page)
+
+
+def _triplets_text(triplets: Sequence[tuple[str, str, str]]) -> str:
+    return "; ".join(" ".join(t) for t in triplets)
+
+
+def _verdicts_text(verdicts: Sequence[bool | None]) -> str:
+    return "".join({True: "1", False: "0", None: "?"}[v] for v in verdicts)
+
+
+def write_evaluation(out: str, records: Sequence[dict[str, Any]], graphs: Sequence[SceneGraph],
+                  results: Sequence[JudgeResult], images: Sequence[np.ndarray], judge_name: str,
+                  judge_seconds: float, report_rows: int, grid_size: int, title: str,
+                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores judge results against their graphs and writes `metrics.json`,
+    `per_record.csv`, `report.html` (the first `report_rows` of `images`) and `grid.png`."""
+    from rig_jax.eval.scene_graph_iou import score_dataset, score_record
+
+    preds = [r.graph for r in results]
+    ratings = [r.rating for r in results if r.rating is not None]
+    metrics: dict[str, Any] = {"judge": judge_name, **score_dataset(preds, graphs)}
+    metrics.update({
+        "judge_score": float(np.mean([r.judge_score for r in results])),
+        "rating_mean": float(np.mean(ratings)) if ratings else None,
+        "num_rated": len(ratings),
+        "malformed": sum(r.malformed for r in results),
+        "seconds_per_image": judge_seconds / len(results),
+        **(extra or {}),
+    })
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+
+    per_record = [score_record(p, g) for p, g in zip(preds, graphs, strict=True)]
+    with open(os.path.join(out, "per_record.csv"), "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        keys = list(per_record[0])
+        writer.writerow(["img_id", "name", "prompt", "judge_score", "rating", "malformed", *keys,
+                         "verdicts", "extracted"])
+        for rec, g, r, s in zip(records, graphs, results, per_record, strict=True):
+            writer.writerow([rec["img_id"], rec["name"], g.prompt(), f"{r.judge_score:.4f}",
+                             "" if r.rating is None else r.rating, int(r.malformed),
+                             *(f"{s[k]:.4f}" for k in keys), _verdicts_text(r.triplet_verdicts),
+                             _triplets_text(r.graph.triplets())])
+
+    rows = [ReportRow(name=rec["name"], image=img, prompt=g.prompt(), triplets=g.triplets(),
+                      verdicts=r.triplet_verdicts, extracted=r.graph.triplets(), objects=r.graph.objects(),
+                      scores={"judge": r.judge_score, "rating": r.rating, "malformed": r.malformed, **s},
+                      raw=r.raw)
+            for rec, g, r, s, img in zip(records, graphs, results, per_record, images[:report_rows],
+                                         strict=False)]
+    write_html_report(os.path.join(out, "report.html"), rows, title, metrics)
+    if grid_size > 0 and images:
+        save_png_grid(os.path.join(out, "grid.png"), images[:grid_size], ncols=8,
+                      scale=max(1, 128 // images[0].shape[0]))
+
+    print(f"{metrics['num_records']} records: SG-IoU {metrics['sg_iou_attr']:.4f} (labels "
+          f"{metrics['sg_iou_label']:.4f}), Entity-IoU {metrics['entity_iou_attr']:.4f}, "
+          f"Relation-IoU {metrics['relation_iou_attr']:.4f}, judge {metrics['judge_score']:.4f}; "
+          f"wrote {out}/metrics.json, per_record.csv, report.html, grid.png")
+    return metrics
