@@ -204,7 +204,7 @@ def test_sharded_decoding_equals_single_device(tiny, devices):
 
 
 def test_benchmark_decode_tiny():
-    from rig_jax.vlm.decode import benchmark_decode  # the entry point tools/benchmark.py uses
+    from rig_jax.vlm.bench import benchmark_decode  # the entry point tools/benchmark.py uses
     result = benchmark_decode("tiny", batch=8, prompt_len=8, new_tokens=4, dtype="fp32", repeats=1)
     assert result["tokens_per_s"] > 0 and result["mesh_shape"] == [1, 8, 1]
     assert not {"shape", "bench", "device", "backend", "num_devices"} & set(result)  # the caller adds them

@@ -201,12 +201,3 @@ def score(model: Qwen25VL, params: Any, batch: Batch, completions: Any, temperat
     if completion_mask is not None:
         logp = jnp.where(jnp.asarray(completion_mask, bool), logp, 0.0)
     return logp
-
-
-def benchmark_decode(shape: str, batch: int = 8, prompt_len: int = 128, new_tokens: int = 128,
-                     dtype: str = "bfloat16", repeats: int = 3, greedy: bool = False) -> dict[str, Any]:
-    """Tokens/s of prefill + decoding for a random-weight decoder of a named shape
-    (rig_jax/vlm/bench.py, which imports this module; hence the late import)."""
-    from rig_jax.vlm.bench import benchmark_decode as run_benchmark
-    return run_benchmark(shape, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, dtype=dtype,
-                         repeats=repeats, greedy=greedy)
