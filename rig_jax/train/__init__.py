@@ -1,1 +1,1 @@
-
+"""Train state, checkpoints and loop helpers."""
