@@ -30,7 +30,7 @@ from rig_jax.models.unet import UNet2DConditionModel, UNetConfig
 from rig_jax.models.vae import AutoencoderKL, VAEConfig
 from rig_jax.weights.clip_keys import clip_abstract_params, load_clip_text, save_clip_text
 from rig_jax.weights.io import read_json, write_json
-from rig_jax.weights.mapping import flatten
+from rig_jax.weights.mapping import check_param_tree
 from rig_jax.weights.unet_keys import abstract_unet_params, load_unet, save_unet
 from rig_jax.weights.vae_keys import load_vae, save_vae, vae_abstract_params
 
@@ -288,7 +288,7 @@ def save_pipeline_checkpoint(path: str, pipe: SDPipeline, params: Mapping[str, A
     from rig_jax.train.checkpoint import save_checkpoint
 
     _check_param_groups(params, path)
-    _check_params(params, expected_params(pipe), path)
+    check_param_tree(params, expected_params(pipe), path)
     metadata = {
         "kind": CHECKPOINT_KIND,
         "version": CHECKPOINT_VERSION,
@@ -306,22 +306,6 @@ def expected_params(pipe: SDPipeline) -> dict[str, Any]:
     """The param tree the pipeline's modules need, as ShapeDtypeStructs (nothing computed)."""
     return {"unet": abstract_unet_params(pipe.unet), "vae": vae_abstract_params(pipe.vae),
             "text_encoder": clip_abstract_params(pipe.text_encoder)}
-
-
-def _check_params(restored: Any, expected: Mapping[str, Any], source: str) -> None:
-    """Params must have exactly the expected paths and shapes; names the first misfit."""
-    if not isinstance(restored, Mapping):
-        raise WeightsError(f"{source}: params are not a tree of named arrays")
-    got, want = flatten(restored), flatten(expected)
-    for path in sorted(set(got) | set(want)):
-        name = "/".join(path)
-        if path not in got:
-            raise WeightsError(f"{source}: missing param {name}")
-        if path not in want:
-            raise WeightsError(f"{source}: unexpected param {name}")
-        if tuple(got[path].shape) != tuple(want[path].shape):
-            raise WeightsError(f"{source}: param {name} has shape {tuple(got[path].shape)}; the config needs "
-                               f"{tuple(want[path].shape)}")
 
 
 def load_pipeline_checkpoint(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
@@ -352,7 +336,7 @@ def load_pipeline_checkpoint(path: str, dtype: Any = jnp.float32, param_dtype: A
     pipe = _assemble(unet_config, vae_config, text_config, tokenizer, configs, tokenizer_files, text_layer,
                      dtype, param_dtype, path)
     restored, _ = load_checkpoint(path)
-    _check_params(restored, expected_params(pipe), os.path.join(path, PARAMS_DIR))
+    check_param_tree(restored, expected_params(pipe), os.path.join(path, PARAMS_DIR))
     params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), restored)
     return pipe, params
 

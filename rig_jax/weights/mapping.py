@@ -102,6 +102,23 @@ def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: 
     return unflatten(flat)
 
 
+def check_param_tree(given: Mapping[str, Any], expected: Mapping[str, Any], source: str) -> None:
+    """`given` must have exactly the paths and shapes of `expected` (e.g. the abstract params a
+    config needs); a WeightsError names the first misfit."""
+    if not isinstance(given, Mapping):
+        raise WeightsError(f"{source}: params are not a tree of named arrays")
+    got, want = flatten(given), flatten(expected)
+    for path in sorted(set(got) | set(want)):
+        name = "/".join(path)
+        if path not in got:
+            raise WeightsError(f"{source}: params lack {name}, which the config needs")
+        if path not in want:
+            raise WeightsError(f"{source}: params have {name}, which the config does not")
+        if tuple(got[path].shape) != tuple(want[path].shape):
+            raise WeightsError(f"{source}: param {name} has shape {tuple(got[path].shape)}; the config "
+                               f"needs {tuple(want[path].shape)}")
+
+
 def check_params_cover_table(params: Mapping[str, Any], table: KeyTable, source: str) -> None:
     """The param tree must hold exactly the table's paths: a WeightsError names the first
     missing or surplus param (before an export writes anything)."""

@@ -15,7 +15,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rig_jax.errors import WeightsError
 from rig_jax.models.unet import BlockSpec, UNet2DConditionModel, UNetConfig, example_inputs
 from rig_jax.weights.io import load_safetensors_folder, read_json, save_safetensors, write_json
 from rig_jax.weights.mapping import (
@@ -27,9 +26,9 @@ from rig_jax.weights.mapping import (
     FlaxPath,
     KeyTable,
     Transform,
+    check_param_tree,
     convert_to_flax,
     convert_to_torch,
-    flatten,
 )
 
 CONFIG_NAME = "config.json"
@@ -152,17 +151,7 @@ def save_unet(folder: str, config_dict: Mapping[str, Any] | UNetConfig, params: 
         raw = dict(config_dict)
         config = UNetConfig.from_diffusers(raw, source=f"{folder} (config to save)")
     raw.setdefault("_class_name", "UNet2DConditionModel")
-    expected = flatten(abstract_unet_params(UNet2DConditionModel(config)))
-    given = flatten(params)
-    for path in sorted(set(expected) | set(given)):
-        name = "/".join(path)
-        if path not in given:
-            raise WeightsError(f"{folder}: params lack {name}, which the config needs")
-        if path not in expected:
-            raise WeightsError(f"{folder}: params have {name}, which the config does not")
-        if tuple(given[path].shape) != tuple(expected[path].shape):
-            raise WeightsError(f"{folder}: param {name} has shape {tuple(given[path].shape)}; the config "
-                               f"needs {tuple(expected[path].shape)}")
+    check_param_tree(params, abstract_unet_params(UNet2DConditionModel(config)), folder)
     tensors = convert_to_torch(params, unet_key_table(config))
     os.makedirs(folder, exist_ok=True)
     save_safetensors(tensors, os.path.join(folder, WEIGHTS_NAME))
