@@ -126,7 +126,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     s.add_argument("--batch", type=int, nargs="*", help="batch sizes (default: 1 8 16 32 for sd15)")
     s.add_argument("--steps", type=int, default=0, help="DDIM steps (default: 50 for sd15, 10 tiny)")
     s.add_argument("--guidance", type=float, default=7.5)
-    s.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    s.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="compute dtype; auto = bf16 on accelerators, fp32 on CPU (no bf16 units)")
     s.add_argument("--repeats", type=int, default=3)
     d = sub.add_parser("decode", help="prefill + sampled decoding with the VLM's decoder")
     d.add_argument("--shape", default="tiny",
@@ -134,13 +135,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     d.add_argument("--batch", type=int, nargs="*")
     d.add_argument("--prompt-len", type=int, default=0)
     d.add_argument("--new-tokens", type=int, default=0)
-    d.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    d.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp32"))
     d.add_argument("--repeats", type=int, default=3)
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.dtype == "auto":
+        import jax
+        args.dtype = "fp32" if jax.default_backend() == "cpu" else "bf16"
     run_cli({"sampler": bench_sampler, "decode": bench_decode}[args.which], args)
 
 
