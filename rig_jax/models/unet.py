@@ -28,13 +28,19 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
+from rig_jax.models.layers import (
+    IMAGE_NAMES,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    Upsample2D,
+    conv2d,
+    dense,
+)
 
-CONV_NAMES = (None, None, "conv_in", "conv_out")
-IMAGE_NAMES = ("batch", "height", "width", "channels")
 TOKEN_NAMES = ("batch", "length", "channels")
 TRANSFORMER_GROUPNORM_EPS = 1e-6  # diffusers' Transformer2DModel hard-codes it
 TRANSFORMER_LAYERNORM_EPS = 1e-5  # the U-Net never passes norm_eps to its transformers
@@ -428,47 +434,7 @@ class UNetConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
 
-# ---- layers -------------------------------------------------------------------------
-
-
-def _dense(features: int, names: tuple[str | None, str | None], name: str, dtype: Any, param_dtype: Any,
-           use_bias: bool = True) -> nn.Dense:
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
-
-
-def _conv(features: int, kernel: int, name: str, dtype: Any, param_dtype: Any, stride: int = 1,
-          padding: Any = None) -> nn.Conv:
-    if padding is None:
-        padding = ((kernel // 2, kernel // 2),) * 2  # PyTorch's symmetric padding
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, dtype=dtype,
-                   param_dtype=param_dtype, name=name,
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_NAMES),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
-
-
-class GroupNorm(nn.Module):
-    """GroupNorm over NHWC (or NLC) with float32 statistics, written out so that XLA fuses
-    it with the SiLU that usually follows."""
-    num_groups: int
-    epsilon: float
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (c,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                          (c,), self.param_dtype)
-        grouped = x.astype(jnp.float32).reshape(x.shape[:-1] + (self.num_groups, c // self.num_groups))
-        axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = grouped.mean(axes, keepdims=True)
-        var = jnp.square(grouped - mean).mean(axes, keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+# ---- U-Net-only layers (those shared with the VAE are in rig_jax/models/layers.py) -----
 
 
 def _layer_norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
@@ -491,45 +457,6 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, fr
     return emb
 
 
-def _nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
-    """PyTorch's `F.interpolate(mode="nearest")` to `size` (NHWC); a plain repeat for x2."""
-    b, h, w, c = x.shape
-    if size == (2 * h, 2 * w):
-        return jnp.broadcast_to(x[:, :, None, :, None, :], (b, h, 2, w, 2, c)).reshape(b, 2 * h, 2 * w, c)
-
-    def index(n_in: int, n_out: int) -> np.ndarray:
-        scale = np.float32(n_in) / np.float32(n_out)
-        src = np.floor(np.arange(n_out, dtype=np.float32) * scale).astype(np.int64)
-        return np.minimum(src, n_in - 1)
-
-    return x[:, index(h, size[0])][:, :, index(w, size[1])]
-
-
-class ResnetBlock2D(nn.Module):
-    out_channels: int
-    groups: int
-    eps: float
-    output_scale_factor: float = 1.0
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
-        h = _conv(self.out_channels, 3, "conv1", **kw)(h)
-        t = _dense(self.out_channels, ("embed", "conv_out"), "time_emb_proj", **kw)(nn.silu(temb))
-        h = h + t[:, None, None, :]
-        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
-        h = _conv(self.out_channels, 3, "conv2", **kw)(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, "conv_shortcut", **kw)(x)
-        out = x.astype(self.dtype) + h
-        if self.output_scale_factor != 1.0:
-            out = out / self.output_scale_factor
-        return nn.with_logical_constraint(out, IMAGE_NAMES)
-
-
 class Attention(nn.Module):
     """Multi-head attention with diffusers' names (`to_q`, `to_k`, `to_v`, `to_out_0`)."""
     num_heads: int
@@ -545,13 +472,13 @@ class Attention(nn.Module):
         inner = self.num_heads * self.head_dim
         b, lq, dim = x.shape
         lk = context.shape[1]
-        q = _dense(inner, ("embed", "heads"), "to_q", use_bias=False, **kw)(x)
-        k = _dense(inner, ("embed", "heads"), "to_k", use_bias=False, **kw)(context)
-        v = _dense(inner, ("embed", "heads"), "to_v", use_bias=False, **kw)(context)
+        q = dense(inner, ("embed", "heads"), "to_q", use_bias=False, **kw)(x)
+        k = dense(inner, ("embed", "heads"), "to_k", use_bias=False, **kw)(context)
+        v = dense(inner, ("embed", "heads"), "to_v", use_bias=False, **kw)(context)
         out = dot_product_attention(q.reshape(b, lq, self.num_heads, self.head_dim),
                                     k.reshape(b, lk, self.num_heads, self.head_dim),
                                     v.reshape(b, lk, self.num_heads, self.head_dim), upcast=self.upcast)
-        return _dense(dim, ("heads", "embed"), "to_out_0", **kw)(out.reshape(b, lq, inner))
+        return dense(dim, ("heads", "embed"), "to_out_0", **kw)(out.reshape(b, lq, inner))
 
 
 class FeedForward(nn.Module):
@@ -564,10 +491,10 @@ class FeedForward(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         dim = x.shape[-1]
         inner = dim * FF_MULT
-        h = _dense(2 * inner, ("embed", "mlp"), "net_0_proj", **kw)(x)
+        h = dense(2 * inner, ("embed", "mlp"), "net_0_proj", **kw)(x)
         value, gate = h[..., :inner], h[..., inner:]
         h = value * nn.gelu(gate, approximate=False)
-        return _dense(dim, ("mlp", "embed"), "net_2", **kw)(h)
+        return dense(dim, ("mlp", "embed"), "net_2", **kw)(h)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -603,12 +530,12 @@ class Transformer2DModel(nn.Module):
         b, h, w, c = x.shape
         inner = self.num_heads * self.head_dim
         tokens = GroupNorm(self.groups, TRANSFORMER_GROUPNORM_EPS, name="norm", **kw)(x)
-        tokens = _dense(inner, ("conv_in", "conv_out"), "proj_in", **kw)(tokens.reshape(b, h * w, c))
+        tokens = dense(inner, ("conv_in", "conv_out"), "proj_in", **kw)(tokens.reshape(b, h * w, c))
         tokens = nn.with_logical_constraint(tokens, TOKEN_NAMES)
         for i in range(self.num_layers):
             tokens = BasicTransformerBlock(self.num_heads, self.head_dim, self.upcast,
                                            name=f"transformer_blocks_{i}", **kw)(tokens, context)
-        tokens = _dense(c, ("conv_in", "conv_out"), "proj_out", **kw)(tokens)
+        tokens = dense(c, ("conv_in", "conv_out"), "proj_out", **kw)(tokens)
         return nn.with_logical_constraint(tokens.reshape(b, h, w, c) + x.astype(self.dtype), IMAGE_NAMES)
 
 
@@ -654,10 +581,8 @@ class DownBlock(_Block):
                 x = self._attention(j)(x, context)
             skips.append(x)
         if self.spec.resample:
-            p = self.config.downsample_padding
-            padding = ((0, 1), (0, 1)) if p == 0 else ((p, p), (p, p))  # diffusers pads right/bottom for 0
-            x = _Resample(self.spec.out_channels, stride=2, padding=padding, dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="downsamplers_0")(x)
+            x = Downsample2D(self.spec.out_channels, self.config.downsample_padding, dtype=self.dtype,
+                             param_dtype=self.param_dtype, name="downsamplers_0")(x)
             skips.append(x)
         return x, skips
 
@@ -682,25 +607,9 @@ class UpBlock(_Block):
             if self.spec.cross_attention:
                 x = self._attention(j)(x, context)
         if self.spec.resample:
-            x = _nearest_resize(x, upsample_to)
-            x = _Resample(self.spec.out_channels, stride=1, padding=((1, 1), (1, 1)), dtype=self.dtype,
-                          param_dtype=self.param_dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.spec.out_channels, dtype=self.dtype, param_dtype=self.param_dtype,
+                           name="upsamplers_0")(x, upsample_to)
         return x
-
-
-class _Resample(nn.Module):
-    """The 3x3 convolution of diffusers' Downsample2D (stride 2) / Upsample2D (stride 1)."""
-    features: int
-    stride: int
-    padding: Any
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        conv = _conv(self.features, 3, "conv", self.dtype, self.param_dtype, stride=self.stride,
-                     padding=self.padding)
-        return nn.with_logical_constraint(conv(x), IMAGE_NAMES)
 
 
 class UNet2DConditionModel(nn.Module):
@@ -726,7 +635,7 @@ class UNet2DConditionModel(nn.Module):
         t_emb = timestep_embedding(t, c0, cfg.flip_sin_to_cos, cfg.freq_shift).astype(self.dtype)
         emb = _TimestepEmbedding(4 * c0, name="time_embedding", **kw)(t_emb)
 
-        x = _conv(c0, 3, "conv_in", **kw)(x)
+        x = conv2d(c0, 3, "conv_in", **kw)(x)
         skips = [x]
         for i, spec in enumerate(cfg.down_block_specs()):
             x, block_skips = DownBlock(cfg, spec, name=f"down_blocks_{i}", **kw)(x, emb, context)
@@ -738,7 +647,7 @@ class UNet2DConditionModel(nn.Module):
             upsample_to = tuple(skips[-1].shape[1:3]) if spec.resample else None
             x = UpBlock(cfg, spec, name=f"up_blocks_{i}", **kw)(x, block_skips, emb, context, upsample_to)
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
-        x = _conv(cfg.out_channels, 3, "conv_out", **kw)(x)
+        x = conv2d(cfg.out_channels, 3, "conv_out", **kw)(x)
         return nn.with_logical_constraint(x, IMAGE_NAMES)
 
 
@@ -751,8 +660,8 @@ class _TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, t_emb: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        h = nn.silu(_dense(self.features, ("embed", "mlp"), "linear_1", **kw)(t_emb))
-        return _dense(self.features, ("mlp", "embed"), "linear_2", **kw)(h)
+        h = nn.silu(dense(self.features, ("embed", "mlp"), "linear_1", **kw)(t_emb))
+        return dense(self.features, ("mlp", "embed"), "linear_2", **kw)(h)
 
 
 def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None, length: int = 1

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -20,11 +20,20 @@ import jax.numpy as jnp
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
+from rig_jax.models.layers import CONV_NAMES as CONV_NAMES  # re-exported: tests check param names with it
+from rig_jax.models.layers import (
+    IMAGE_NAMES,
+    Downsample2D,
+    GroupNorm,
+    ResnetBlock2D,
+    Upsample2D,
+    conv2d,
+    dense,
+)
 
-CONV_NAMES = (None, None, "conv_in", "conv_out")
 NORM_EPS = 1e-6            # diffusers hard-codes eps=1e-6 for every VAE norm
+DOWNSAMPLE_PADDING = 0     # diffusers' Encoder builds Downsample2D(padding=0): pad right/bottom by 1
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
-ACTIVATION_NAMES = ("batch", "height", "width", "channels")
 
 # Fields of the diffusers AutoencoderKL config, with the defaults diffusers uses.
 _DEFAULTS: dict[str, Any] = {
@@ -198,49 +207,10 @@ class VAEConfig:
         }
 
 
-# ----------------------------------------------------------------------------- layers
-
-def _conv(features: int, kernel: int, name: str | None, dtype: Any, param_dtype: Any, stride: int = 1,
-          padding: Any = "SAME") -> nn.Conv:
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=padding, name=name,
-                   dtype=dtype, param_dtype=param_dtype,
-                   kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_NAMES),
-                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
-
-
-def _group_norm(groups: int, name: str, dtype: Any, param_dtype: Any) -> nn.GroupNorm:
-    # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-mean^2.
-    return nn.GroupNorm(num_groups=groups, epsilon=NORM_EPS, name=name, dtype=dtype,
-                        param_dtype=param_dtype, use_fast_variance=False,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
-def _dense(features: int, names: tuple[str, str], name: str, dtype: Any, param_dtype: Any) -> nn.Dense:
-    return nn.Dense(features, name=name, dtype=dtype, param_dtype=param_dtype,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
-
-
-class ResnetBlock(nn.Module):
-    """diffusers ResnetBlock2D without a time embedding: norm-silu-conv twice, plus a
-    1x1 shortcut conv when the channel count changes."""
-    out_channels: int
-    groups: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = _group_norm(self.groups, "norm1", self.dtype, self.param_dtype)(x)
-        h = nn.silu(h)
-        h = _conv(self.out_channels, 3, "conv1", self.dtype, self.param_dtype, padding=((1, 1), (1, 1)))(h)
-        h = _group_norm(self.groups, "norm2", self.dtype, self.param_dtype)(h)
-        h = nn.silu(h)
-        h = _conv(self.out_channels, 3, "conv2", self.dtype, self.param_dtype, padding=((1, 1), (1, 1)))(h)
-        if x.shape[-1] != self.out_channels:
-            x = _conv(self.out_channels, 1, "conv_shortcut", self.dtype, self.param_dtype, padding="VALID")(x)
-        return x + h
+# ----------------------------------------------------------------------------- blocks
+# The layers themselves (conv, GroupNorm, ResnetBlock2D, resamplers) are shared with the
+# U-Net in rig_jax/models/layers.py; the VAE's choices are NORM_EPS everywhere, no time
+# embedding, and DOWNSAMPLE_PADDING.
 
 
 class SpatialSelfAttention(nn.Module):
@@ -253,14 +223,14 @@ class SpatialSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, height, width, channels = x.shape
-        h = _group_norm(self.groups, "group_norm", self.dtype, self.param_dtype)(x)
+        h = GroupNorm(self.groups, NORM_EPS, self.dtype, self.param_dtype, name="group_norm")(x)
         h = h.reshape(batch, height * width, channels)
-        q, k, v = (_dense(channels, ("embed", "heads"), name, self.dtype, self.param_dtype)(h)
+        q, k, v = (dense(channels, ("embed", "heads"), name, self.dtype, self.param_dtype)(h)
                    for name in ("to_q", "to_k", "to_v"))
         heads = lambda t: t.reshape(batch, height * width, 1, channels)
         out = dot_product_attention(heads(q), heads(k), heads(v))
         out = out.reshape(batch, height * width, channels)
-        out = _dense(channels, ("heads", "embed"), "to_out_0", self.dtype, self.param_dtype)(out)
+        out = dense(channels, ("heads", "embed"), "to_out_0", self.dtype, self.param_dtype)(out)
         return x + out.reshape(batch, height, width, channels)
 
 
@@ -273,71 +243,33 @@ class MidBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = ResnetBlock(self.channels, self.groups, self.dtype, self.param_dtype, name="resnets_0")(x)
-        x = SpatialSelfAttention(self.groups, self.dtype, self.param_dtype, name="attentions_0")(x)
-        return ResnetBlock(self.channels, self.groups, self.dtype, self.param_dtype, name="resnets_1")(x)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        x = ResnetBlock2D(self.channels, self.groups, NORM_EPS, name="resnets_0", **kw)(x)
+        x = SpatialSelfAttention(self.groups, name="attentions_0", **kw)(x)
+        return ResnetBlock2D(self.channels, self.groups, NORM_EPS, name="resnets_1", **kw)(x)
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 conv after diffusers' asymmetric zero pad (right 1, bottom 1)."""
-    channels: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype, stride=2,
-                     padding=((0, 1), (0, 1)))(x)
-
-
-class Upsample(nn.Module):
-    """Nearest-neighbour 2x, then a 3x3 conv."""
-    channels: int
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return _conv(self.channels, 3, "conv", self.dtype, self.param_dtype, padding=((1, 1), (1, 1)))(x)
-
-
-class EncoderBlock(nn.Module):
-    """diffusers DownEncoderBlock2D: resnets, then an optional downsampler."""
+class CoderBlock(nn.Module):
+    """diffusers' DownEncoderBlock2D (`resample="down"`: resnets, then a stride-2
+    `downsamplers_0`) or UpDecoderBlock2D (`resample="up"`: resnets, then a 2x
+    `upsamplers_0`); `resample=None` for the last block, which keeps its resolution."""
     out_channels: int
     num_layers: int
     groups: int
-    add_downsample: bool
+    resample: Literal["down", "up"] | None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         for j in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, self.dtype, self.param_dtype,
-                            name=f"resnets_{j}")(x)
-        if self.add_downsample:
-            x = Downsample(self.out_channels, self.dtype, self.param_dtype, name="downsamplers_0")(x)
-        return nn.with_logical_constraint(x, ACTIVATION_NAMES)
-
-
-class DecoderBlock(nn.Module):
-    """diffusers UpDecoderBlock2D: resnets, then an optional upsampler."""
-    out_channels: int
-    num_layers: int
-    groups: int
-    add_upsample: bool
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for j in range(self.num_layers):
-            x = ResnetBlock(self.out_channels, self.groups, self.dtype, self.param_dtype,
-                            name=f"resnets_{j}")(x)
-        if self.add_upsample:
-            x = Upsample(self.out_channels, self.dtype, self.param_dtype, name="upsamplers_0")(x)
-        return nn.with_logical_constraint(x, ACTIVATION_NAMES)
+            x = ResnetBlock2D(self.out_channels, self.groups, NORM_EPS, name=f"resnets_{j}", **kw)(x)
+        if self.resample == "down":
+            x = Downsample2D(self.out_channels, DOWNSAMPLE_PADDING, name="downsamplers_0", **kw)(x)
+        elif self.resample == "up":
+            x = Upsample2D(self.out_channels, name="upsamplers_0", **kw)(x)
+        return nn.with_logical_constraint(x, IMAGE_NAMES)
 
 
 class Encoder(nn.Module):
@@ -350,14 +282,13 @@ class Encoder(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         channels = cfg.block_out_channels
-        x = _conv(channels[0], 3, "conv_in", dt, pdt, padding=((1, 1), (1, 1)))(x)
+        x = conv2d(channels[0], 3, "conv_in", dt, pdt)(x)
         for i, out_ch in enumerate(channels):
-            x = EncoderBlock(out_ch, cfg.layers_per_block, cfg.norm_num_groups,
-                             add_downsample=i < len(channels) - 1, dtype=dt, param_dtype=pdt,
-                             name=f"down_blocks_{i}")(x)
+            x = CoderBlock(out_ch, cfg.layers_per_block, cfg.norm_num_groups,
+                           "down" if i < len(channels) - 1 else None, dt, pdt, name=f"down_blocks_{i}")(x)
         x = MidBlock(channels[-1], cfg.norm_num_groups, dt, pdt, name="mid_block")(x)
-        x = nn.silu(_group_norm(cfg.norm_num_groups, "conv_norm_out", dt, pdt)(x))
-        return _conv(2 * cfg.latent_channels, 3, "conv_out", dt, pdt, padding=((1, 1), (1, 1)))(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, NORM_EPS, dt, pdt, name="conv_norm_out")(x))
+        return conv2d(2 * cfg.latent_channels, 3, "conv_out", dt, pdt)(x)
 
 
 class Decoder(nn.Module):
@@ -370,14 +301,13 @@ class Decoder(nn.Module):
     def __call__(self, z: jax.Array) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
         channels = tuple(reversed(cfg.block_out_channels))
-        x = _conv(channels[0], 3, "conv_in", dt, pdt, padding=((1, 1), (1, 1)))(z)
+        x = conv2d(channels[0], 3, "conv_in", dt, pdt)(z)
         x = MidBlock(channels[0], cfg.norm_num_groups, dt, pdt, name="mid_block")(x)
         for i, out_ch in enumerate(channels):
-            x = DecoderBlock(out_ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
-                             add_upsample=i < len(channels) - 1, dtype=dt, param_dtype=pdt,
-                             name=f"up_blocks_{i}")(x)
-        x = nn.silu(_group_norm(cfg.norm_num_groups, "conv_norm_out", dt, pdt)(x))
-        return _conv(cfg.out_channels, 3, "conv_out", dt, pdt, padding=((1, 1), (1, 1)))(x)
+            x = CoderBlock(out_ch, cfg.layers_per_block + 1, cfg.norm_num_groups,
+                           "up" if i < len(channels) - 1 else None, dt, pdt, name=f"up_blocks_{i}")(x)
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, NORM_EPS, dt, pdt, name="conv_norm_out")(x))
+        return conv2d(cfg.out_channels, 3, "conv_out", dt, pdt)(x)
 
 
 class AutoencoderKL(nn.Module):
@@ -397,11 +327,9 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(cfg, self.dtype, self.param_dtype)
         self.decoder = Decoder(cfg, self.dtype, self.param_dtype)
         if cfg.use_quant_conv:
-            self.quant_conv = _conv(2 * cfg.latent_channels, 1, None, self.dtype, self.param_dtype,
-                                    padding="VALID")
+            self.quant_conv = conv2d(2 * cfg.latent_channels, 1, None, self.dtype, self.param_dtype)
         if cfg.use_post_quant_conv:
-            self.post_quant_conv = _conv(cfg.latent_channels, 1, None, self.dtype,
-                                         self.param_dtype, padding="VALID")
+            self.post_quant_conv = conv2d(cfg.latent_channels, 1, None, self.dtype, self.param_dtype)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Image (B, H, W, in_channels) in [-1, 1] -> (mean, logvar), each (B, H/f, W/f, latent_channels),
