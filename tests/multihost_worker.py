@@ -22,6 +22,7 @@ import optax
 from jax.experimental import multihost_utils
 
 from rig_jax.parallel import DEFAULT_RULES, init_sharded, make_mesh, maybe_initialize_distributed, shard_batch
+from rig_jax.weights.mapping import to_host
 from tests.tiny_annotated import TinyAnnotatedMLP
 
 dist = ml_collections.ConfigDict(dict(enabled=True, coordinator_address=f"127.0.0.1:{port}",
@@ -59,7 +60,7 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
     new_params, _, loss = jax.jit(train_step)(params, jax.jit(tx.init)(params), xb, yb)
 
 out = multihost_utils.process_allgather(out, tiled=True)
-new_params = multihost_utils.process_allgather(new_params, tiled=True)
+new_params = jax.tree.map(to_host, new_params)  # the exporters' gather
 np.savez(out_path, out=np.asarray(out), loss=np.asarray(loss),
          **{"/".join(p.key for p in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(new_params)[0]})

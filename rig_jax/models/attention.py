@@ -33,7 +33,10 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
     # cuDNN only where it is known to take the call (no mask/bias: the U-Net's and CLIP's
     # attention); masked calls (VLM windows, KV caches) could be refused at compile time,
     # outside this function's reach, so they stay on XLA.
-    if implementation == "cudnn" and (bias is not None or mask is not None or query.shape[-1] % 8 != 0):
+    # Head widths: SD's 40/80/160 were seen to work (field notes); the VAE's single 512-wide
+    # head is past what cuDNN's fused kernels take.
+    if implementation == "cudnn" and (bias is not None or mask is not None or query.shape[-1] % 8 != 0
+                                      or query.shape[-1] > 256):
         implementation = None
     try:
         out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,

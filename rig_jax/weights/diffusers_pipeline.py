@@ -296,7 +296,7 @@ def save_pipeline_checkpoint(path: str, pipe: SDPipeline, params: Mapping[str, A
         "text_layer": pipe.text_layer,
         "tokenizer_dir": CHECKPOINT_TOKENIZER_DIR,
     }
-    params = {group: jax.tree.map(np.asarray, jax.device_get(dict(params[group]))) for group in PARAM_GROUPS}
+    params = {group: dict(params[group]) for group in PARAM_GROUPS}  # orbax saves sharded arrays as they are
     # Tokenizer first: the metadata file, written last by save_checkpoint, marks completion.
     _write_files(os.path.join(path, CHECKPOINT_TOKENIZER_DIR), pipe.tokenizer_files)
     save_checkpoint(path, params, metadata, overwrite=overwrite)

@@ -77,9 +77,13 @@ def load_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
 
 def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,
                      metadata: Mapping[str, str] | None = None) -> None:
-    """Writes one safetensors file atomically (temporary file, then rename)."""
+    """Writes one safetensors file atomically (temporary file, then rename). A shard index of
+    the same name beside it is removed: loaders prefer an index, so a stale one would win."""
     from safetensors.numpy import save_file
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    stale_index = path + ".index.json"
+    if os.path.basename(path) in SINGLE_FILE_NAMES and os.path.isfile(stale_index):
+        os.remove(stale_index)
     tmp = path + ".tmp"
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
               metadata=dict(metadata or {"format": "pt"}))

@@ -102,6 +102,15 @@ def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: 
     return unflatten(flat)
 
 
+def to_host(x: Any) -> np.ndarray:
+    """A whole array on this host: arrays sharded across hosts are all-gathered first (every
+    process must call this together), others are simply fetched."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+
 def check_param_tree(given: Mapping[str, Any], expected: Mapping[str, Any], source: str) -> None:
     """`given` must have exactly the paths and shapes of `expected` (e.g. the abstract params a
     config needs); a WeightsError names the first misfit."""
@@ -140,6 +149,6 @@ def convert_to_torch(params: Mapping[str, Any], table: KeyTable, source: str = "
     flat = flatten(params)
     out = {}
     for path, entry in table.items():
-        value = np.asarray(jax.device_get(flat[path]), dtype=np.float32)
+        value = np.asarray(to_host(flat[path]), dtype=np.float32)
         out[entry.source_key] = np.ascontiguousarray(entry.transform.to_torch(value))
     return out
