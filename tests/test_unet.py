@@ -348,3 +348,27 @@ def test_bfloat16_compute(cases):
     assert jax.tree.leaves(params)[0].dtype == np.float32
     err = np.abs(np.asarray(out, np.float32).transpose(0, 3, 1, 2) - ref).max()
     assert err <= 5e-2 * np.abs(ref).max()
+
+
+def test_sharded_forward_equals_single_device(cases, loaded, devices):
+    """The SD1-like U-Net with params placed by the logical rules on a (2, 2, 2) mesh and the
+    batch split over (data, fsdp): the same output as on one device."""
+    import ml_collections
+
+    from rig_jax.parallel import make_mesh, shard_batch
+
+    _, _, (x, t, ctx), _ = cases["sd1"]
+    config, module, params = loaded["sd1"]
+    mesh = make_mesh(ml_collections.ConfigDict({"shape": (2, 2, 2)}))
+    boxed = jax.eval_shape(module.init, jax.random.key(0), *example_inputs(config))["params"]
+    shardings = param_shardings(boxed, mesh, DEFAULT_RULES)
+    sharded = jax.device_put(params, shardings)
+    x4, ctx4 = np.concatenate([x, x]).transpose(0, 2, 3, 1), np.concatenate([ctx, ctx])
+    t4 = np.concatenate([t, t]).astype(np.int32)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
+        xb, tb, cb = shard_batch((x4, t4, ctx4), mesh, DEFAULT_RULES)
+        out = jax.jit(module.apply)({"params": sharded}, xb, tb, cb)
+    assert len(out.sharding.device_set) == 8
+    single = _flax_out(module, params, x, t, ctx)
+    np.testing.assert_allclose(np.asarray(out)[:2].transpose(0, 3, 1, 2), single, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(out)[2:].transpose(0, 3, 1, 2), single, atol=1e-5, rtol=0)
