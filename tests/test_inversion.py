@@ -17,7 +17,7 @@ from rig_jax.diffusion import (
     sample,
 )
 from rig_jax.errors import ConfigError, RigError
-from tests.test_sampler import (
+from tests.diffusion_helpers import (
     CONTEXT_DIM,
     CONTEXT_LEN,
     LATENT_SHAPE,
