@@ -3,8 +3,9 @@
 Builds the mesh, writes ShapesSG scenes as a LAION-SG dataset (JSON + PNG renders, then a
 tfds array_record build), reads this host's shard back with grain, adds pixel noise, reads
 each scene graph back with the pixel detector (the ShapesSG Checker and Judge), and writes
-`metrics.json`, `per_record.csv`, `report.html` and `grid.png` under `config.out_dir`
-(`out_dir/host_<i>` per host when there are several).
+`metrics.json`, `per_record.csv`, `report.html` and `grid.png` under `config.out_dir`.
+With several hosts each writes those for its shard under `out_dir/host_<i>`, and host 0
+writes the means over all hosts' records to `out_dir/metrics.json`.
 """
 from __future__ import annotations
 
@@ -77,11 +78,40 @@ def run(config: Any) -> dict[str, Any]:
             graphs += batch["graph"]
             images += noisy[:max(0, config.eval.grid_size - len(images))]
             bar.update(len(noisy))
-    return write_evaluation(out, records, graphs, results, images, judge_name=config.eval.judge,
-                            judge_seconds=judge_seconds, report_rows=config.eval.grid_size,
-                            grid_size=config.eval.grid_size,
-                            title=f"ShapesSG demo ({world.image_size}px, noise σ={config.data.noise_sigma})",
-                            extra={"noise_sigma": config.data.noise_sigma, "host": host, "hosts": hosts})
+    title = f"ShapesSG demo ({world.image_size}px, noise σ={config.data.noise_sigma})"
+    metrics = write_evaluation(out, records, graphs, results, images, judge_name=config.eval.judge,
+                               judge_seconds=judge_seconds, report_rows=config.eval.grid_size,
+                               grid_size=config.eval.grid_size, title=title,
+                               extra={"noise_sigma": config.data.noise_sigma, "host": host, "hosts": hosts})
+    if hosts > 1:
+        metrics = write_all_hosts_metrics(config.out_dir, graphs, results, host)
+    return metrics
+
+
+def write_all_hosts_metrics(out_dir: str, graphs: list, results: list, host: int) -> dict[str, Any]:
+    """Dataset means over every host's records (each host scored its own shard): the per-record
+    scores are all-gathered, and host 0 writes `out_dir/metrics.json`."""
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    from rig_jax.eval.scene_graph_iou import score_record
+
+    per_record = [{**score_record(r.graph, g), "judge_score": r.judge_score} for r, g in zip(results, graphs,
+                                                                                          strict=True)]
+    keys = sorted(per_record[0])
+    local = np.asarray([[row[k] for k in keys] for row in per_record], np.float32)
+    gathered = np.asarray(multihost_utils.process_allgather(local))  # (hosts, records per host, keys)
+    rows = gathered.reshape(-1, len(keys))
+    metrics = {k: float(v) for k, v in zip(keys, rows.mean(axis=0), strict=True)}
+    metrics.update(num_records=int(rows.shape[0]), hosts=int(gathered.shape[0]))
+    if host == 0:
+        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        print(f"all {metrics['num_records']} records on {metrics['hosts']} hosts: "
+              f"SG-IoU {metrics['sg_iou_attr']:.4f}; wrote {out_dir}/metrics.json")
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,6 +78,9 @@ def maybe_initialize_distributed(dist_config: Any) -> None:
     """
     if not dist_config.get("enabled", False):
         return
+    # CPU processes (tests, a pod's host-side work) need a collectives backend of their own;
+    # the setting does not touch GPU or TPU backends.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
     kwargs = {}
     if dist_config.get("coordinator_address"):
         kwargs["coordinator_address"] = dist_config.coordinator_address
