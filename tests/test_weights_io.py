@@ -48,3 +48,29 @@ def test_errors_name_the_path(tmp_path, setup, needle):
 def test_read_json_names_the_file(tmp_path):
     with pytest.raises(WeightsError, match="file not found"):
         read_json(str(tmp_path / "config.json"))
+
+
+def test_a_lone_variant_is_read_and_pickles_are_named(tmp_path):
+    half = np.ones(2, np.float16)
+    save_safetensors({"w": half}, str(tmp_path / "diffusion_pytorch_model.fp16.safetensors"))
+    tensors = load_safetensors_folder(str(tmp_path))
+    assert tensors["w"].dtype == np.float16
+    save_safetensors({"w": half}, str(tmp_path / "diffusion_pytorch_model.ema.safetensors"))
+    with pytest.raises(WeightsError, match="several weight variants"):
+        load_safetensors_folder(str(tmp_path))
+    save_safetensors({"w": np.zeros(2, np.float32)}, str(tmp_path / "diffusion_pytorch_model.safetensors"))
+    assert load_safetensors_folder(str(tmp_path))["w"].dtype == np.float32  # the plain name wins
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80")
+    with pytest.raises(WeightsError, match=r"only PyTorch pickle weights \(pytorch_model.bin\)"):
+        load_safetensors_folder(str(pickled))
+
+
+def test_a_plain_single_file_wins_over_a_variant_index(tmp_path):
+    save_safetensors({"shard": np.ones(1, np.float16)}, str(tmp_path / "m-1.safetensors"))
+    index = {"weight_map": {"shard": "m-1.safetensors"}}
+    (tmp_path / "model.safetensors.index.fp16.json").write_text(json.dumps(index))
+    assert list(load_safetensors_folder(str(tmp_path))) == ["shard"]
+    save_safetensors({"plain": np.ones(1, np.float32)}, str(tmp_path / "model.safetensors"))
+    assert list(load_safetensors_folder(str(tmp_path))) == ["plain"]

@@ -50,27 +50,50 @@ def _read_file_via_torch(path: str) -> dict[str, np.ndarray]:
     return out
 
 
+def _weight_files(folder: str) -> tuple[list[str], list[str]]:
+    """(plain, variant) weight files of a folder, indexes before single files: the plain names
+    of INDEX_FILE_NAMES / SINGLE_FILE_NAMES, and diffusers' variants of them
+    (`model.safetensors.index.fp16.json`, `diffusion_pytorch_model.fp16.safetensors`)."""
+    names = os.listdir(folder)
+    plain = [n for n in INDEX_FILE_NAMES + SINGLE_FILE_NAMES if n in names]
+    variants = sorted(n for n in names for base in INDEX_FILE_NAMES if n != base
+                      and n.startswith(base[:-len("json")]) and n.endswith(".json"))
+    variants += sorted(n for n in names for base in SINGLE_FILE_NAMES if n != base
+                       and n.startswith(base[:-len("safetensors")]) and n.endswith(".safetensors"))
+    return plain, variants
+
+
 def load_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
-    """All tensors of a model folder: one safetensors file, or shards named by an index."""
+    """All tensors of a model folder: one safetensors file, or shards named by an index.
+
+    Plain names win (an index before a single file); a variant (`*.fp16.safetensors`,
+    `*.safetensors.index.fp16.json`) is read when it is the only weight file. Tensors keep
+    their stored dtype (the key tables cast).
+    """
     if not os.path.isdir(folder):
         raise WeightsError(f"{folder}: folder not found")
-    for name in INDEX_FILE_NAMES:
-        index_path = os.path.join(folder, name)
-        if os.path.isfile(index_path):
-            index = read_json(index_path)
-            if "weight_map" not in index:
-                raise WeightsError(f"{index_path}: no 'weight_map'")
-            tensors: dict[str, np.ndarray] = {}
-            for shard in sorted(set(index["weight_map"].values())):
-                shard_path = os.path.join(folder, shard)
-                if not os.path.isfile(shard_path):
-                    raise WeightsError(f"{shard_path}: shard named in {name} not found")
-                tensors.update(_read_file(shard_path))
-            return tensors
-    for name in SINGLE_FILE_NAMES:
-        path = os.path.join(folder, name)
-        if os.path.isfile(path):
-            return _read_file(path)
+    plain, variants = _weight_files(folder)
+    if not plain and len(variants) > 1:
+        raise WeightsError(f"{folder}: several weight variants ({', '.join(variants)}); keep one")
+    chosen = (plain or variants or [None])[0]
+    if chosen is not None and chosen.endswith(".json"):
+        index_path = os.path.join(folder, chosen)
+        index = read_json(index_path)
+        if "weight_map" not in index:
+            raise WeightsError(f"{index_path}: no 'weight_map'")
+        tensors: dict[str, np.ndarray] = {}
+        for shard in sorted(set(index["weight_map"].values())):
+            shard_path = os.path.join(folder, shard)
+            if not os.path.isfile(shard_path):
+                raise WeightsError(f"{shard_path}: shard named in {chosen} not found")
+            tensors.update(_read_file(shard_path))
+        return tensors
+    if chosen is not None:
+        return _read_file(os.path.join(folder, chosen))
+    pickles = sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".ckpt", ".pt")))
+    if pickles:
+        raise WeightsError(f"{folder}: only PyTorch pickle weights ({pickles[0]}); rig_jax reads safetensors "
+                           "(re-save with save_pretrained(..., safe_serialization=True))")
     raise WeightsError(
         f"{folder}: no safetensors weights (expected one of {SINGLE_FILE_NAMES + INDEX_FILE_NAMES})")
 
