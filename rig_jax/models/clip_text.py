@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
+from rig_jax.models.layers import dense
 
 # Fields that shape the network, with transformers' CLIPTextConfig defaults.
 _NETWORK_DEFAULTS: dict[str, Any] = {
@@ -58,6 +59,7 @@ _HARMLESS_FIELDS = frozenset({
     "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss", "use_cache",
 })
 ACTIVATIONS = ("quick_gelu", "gelu")
+INIT = nn.initializers.normal(0.02)   # transformers' CLIP initializer_range (random inits only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,13 +166,6 @@ class CLIPTextConfig:
 
 # ----------------------------------------------------------------------------- layers
 
-def _dense(features: int, names: tuple[str, str], dtype: Any, param_dtype: Any,
-           name: str | None = None) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.normal(0.02), names),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
-
-
 def _layer_norm(eps: float, dtype: Any, param_dtype: Any, name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
@@ -193,10 +188,11 @@ class CLIPAttention(nn.Module):
         cfg = self.config
         batch, length, _ = x.shape
         split = lambda t: t.reshape(batch, length, cfg.num_attention_heads, cfg.head_dim)
-        q, k, v = (split(_dense(cfg.hidden_size, ("embed", "heads"), self.dtype, self.param_dtype, name)(x))
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": INIT}
+        q, k, v = (split(dense(cfg.hidden_size, ("embed", "heads"), name, **kw)(x))
                    for name in ("q_proj", "k_proj", "v_proj"))
         out = dot_product_attention(q, k, v, mask=mask).reshape(batch, length, cfg.hidden_size)
-        return _dense(cfg.hidden_size, ("heads", "embed"), self.dtype, self.param_dtype, "out_proj")(out)
+        return dense(cfg.hidden_size, ("heads", "embed"), "out_proj", **kw)(out)
 
 
 class CLIPMLP(nn.Module):
@@ -207,9 +203,10 @@ class CLIPMLP(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        h = _dense(cfg.intermediate_size, ("embed", "mlp"), self.dtype, self.param_dtype, "fc1")(x)
+        kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": INIT}
+        h = dense(cfg.intermediate_size, ("embed", "mlp"), "fc1", **kw)(x)
         h = _activation(cfg.hidden_act, h)
-        return _dense(cfg.hidden_size, ("mlp", "embed"), self.dtype, self.param_dtype, "fc2")(h)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "fc2", **kw)(h)
 
 
 class CLIPEncoderLayer(nn.Module):

@@ -20,10 +20,12 @@ IMAGE_NAMES = ("batch", "height", "width", "channels")
 
 
 def dense(features: int, names: tuple[str | None, str | None], name: str | None, dtype: Any,
-          param_dtype: Any, use_bias: bool = True) -> nn.Dense:
-    """A Dense layer whose kernel carries the logical axis `names` (in, out) and bias `names[-1]`."""
+          param_dtype: Any, use_bias: bool = True,
+          kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.Dense:
+    """A Dense layer whose kernel carries the logical axis `names` (in, out) and bias `names[-1]`.
+    Every model's dense layers come from here (U-Net, VAE, CLIP, the VLM)."""
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
+                    kernel_init=nn.with_logical_partitioning(kernel_init, names),
                     bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
 
 

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
-from rig_jax.models.vlm.vision import RMSNorm, activation, dense, rotate_half
+from rig_jax.models.layers import dense
+from rig_jax.models.vlm.vision import RMSNorm, activation, rotate_half
 
 Cache = dict[str, jax.Array]
 
@@ -105,9 +106,9 @@ class TextAttention(nn.Module):
         cfg = self.config
         b, length, _ = x.shape
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        q = dense(cfg.num_attention_heads * cfg.head_dim, ("embed", "heads"), True, name="q_proj", **kw)(x)
-        k = dense(cfg.num_key_value_heads * cfg.head_dim, ("embed", "kv_heads"), True, name="k_proj", **kw)(x)
-        v = dense(cfg.num_key_value_heads * cfg.head_dim, ("embed", "kv_heads"), True, name="v_proj", **kw)(x)
+        q = dense(cfg.num_attention_heads * cfg.head_dim, ("embed", "heads"), "q_proj", **kw)(x)
+        k = dense(cfg.num_key_value_heads * cfg.head_dim, ("embed", "kv_heads"), "k_proj", **kw)(x)
+        v = dense(cfg.num_key_value_heads * cfg.head_dim, ("embed", "kv_heads"), "v_proj", **kw)(x)
         q = q.reshape(b, length, cfg.num_attention_heads, cfg.head_dim)
         k = k.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim)
@@ -122,7 +123,7 @@ class TextAttention(nn.Module):
             new_cache = (cache_k, cache_v)
             k, v = cache_k.astype(self.dtype), cache_v.astype(self.dtype)
         out = dot_product_attention(q, k, v, mask=mask)
-        out = dense(cfg.hidden_size, ("heads", "embed"), False, name="o_proj", **kw)(
+        out = dense(cfg.hidden_size, ("heads", "embed"), "o_proj", use_bias=False, **kw)(
             out.reshape(b, length, cfg.num_attention_heads * cfg.head_dim))
         return out, new_cache
 
@@ -136,9 +137,9 @@ class TextMLP(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        gate = dense(cfg.intermediate_size, ("embed", "mlp"), False, name="gate_proj", **kw)(x)
-        up = dense(cfg.intermediate_size, ("embed", "mlp"), False, name="up_proj", **kw)(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), False, name="down_proj", **kw)(
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", use_bias=False, **kw)(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj", use_bias=False, **kw)(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", use_bias=False, **kw)(
             activation(cfg.hidden_act)(gate) * up)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from rig_jax.errors import ConfigError, DataError
 from rig_jax.models.attention import dot_product_attention
+from rig_jax.models.layers import dense
 
 VISION_NORM_EPS = 1e-6  # transformers hard-codes eps=1e-6 for every vision norm
 
@@ -164,14 +165,6 @@ def num_merged_tokens(image_grid_thw: np.ndarray | Sequence[Sequence[int]], merg
 
 # ---------------------------------------------------------------- modules
 
-def dense(features: int, names: tuple[str | None, str | None], use_bias: bool, dtype: Any,
-          param_dtype: Any, name: str | None = None) -> nn.Dense:
-    """nn.Dense with logical axis names on the kernel (in, out) and bias (out,)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), names),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), (names[1],)))
-
-
 class RMSNorm(nn.Module):
     """x / rms(x) * scale, statistics in float32 (Qwen's RMSNorm, also T5's)."""
     eps: float = 1e-6
@@ -212,15 +205,15 @@ class VisionAttention(nn.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
         cfg = self.config
         n = x.shape[0]
-        qkv = dense(3 * cfg.hidden_size, ("embed", "heads"), True, self.dtype, self.param_dtype, "qkv")(x)
+        qkv = dense(3 * cfg.hidden_size, ("embed", "heads"), "qkv", self.dtype, self.param_dtype)(x)
         q, k, v = jnp.moveaxis(qkv.reshape(n, 3, cfg.num_heads, cfg.head_dim), 1, 0)
         # rotary in float32, as the reference does
         c, s = cos[:, None, :], sin[:, None, :]
         q = (q.astype(jnp.float32) * c + rotate_half(q.astype(jnp.float32)) * s).astype(self.dtype)
         k = (k.astype(jnp.float32) * c + rotate_half(k.astype(jnp.float32)) * s).astype(self.dtype)
         out = dot_product_attention(q[None], k[None], v[None], mask=mask[None, None])[0]
-        return dense(cfg.hidden_size, ("heads", "embed"), True, self.dtype, self.param_dtype,
-                     "proj")(out.reshape(n, cfg.hidden_size))
+        return dense(cfg.hidden_size, ("heads", "embed"), "proj", self.dtype, self.param_dtype)(
+            out.reshape(n, cfg.hidden_size))
 
 
 class VisionMLP(nn.Module):
@@ -233,9 +226,9 @@ class VisionMLP(nn.Module):
         cfg = self.config
         act = activation(cfg.hidden_act)
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        gate = dense(cfg.intermediate_size, ("embed", "mlp"), True, name="gate_proj", **kw)(x)
-        up = dense(cfg.intermediate_size, ("embed", "mlp"), True, name="up_proj", **kw)(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), True, name="down_proj", **kw)(act(gate) * up)
+        gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", **kw)(x)
+        up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj", **kw)(x)
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", **kw)(act(gate) * up)
 
 
 class VisionBlock(nn.Module):
@@ -262,9 +255,9 @@ class PatchMerger(nn.Module):
         cfg = self.config
         width = cfg.hidden_size * cfg.merge_unit
         x = RMSNorm(VISION_NORM_EPS, self.dtype, self.param_dtype, name="ln_q")(x).reshape(-1, width)
-        x = dense(width, ("embed", "mlp"), True, self.dtype, self.param_dtype, "mlp_0")(x)
+        x = dense(width, ("embed", "mlp"), "mlp_0", self.dtype, self.param_dtype)(x)
         x = nn.gelu(x, approximate=False)
-        return dense(cfg.out_hidden_size, ("mlp", "embed"), True, self.dtype, self.param_dtype, "mlp_2")(x)
+        return dense(cfg.out_hidden_size, ("mlp", "embed"), "mlp_2", self.dtype, self.param_dtype)(x)
 
 
 class VisionTransformer(nn.Module):
@@ -280,8 +273,8 @@ class VisionTransformer(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         n = pixel_values.shape[0]
         # the Conv3d with kernel = stride is a Dense on the flattened (C, T, p, p) patch
-        x = dense(cfg.hidden_size, (None, "embed"), False, self.dtype, self.param_dtype,
-                  "patch_embed")(pixel_values.astype(self.dtype))
+        x = dense(cfg.hidden_size, (None, "embed"), "patch_embed", use_bias=False, **kw)(
+            pixel_values.astype(self.dtype))
         x = x.reshape(n // cfg.merge_unit, cfg.merge_unit, -1)[inputs["unit_order"]].reshape(n, -1)
         cos, sin = vision_rotary(inputs["rope_positions"], cfg.head_dim, cfg.rope_theta)
         full = inputs["full_segments"]
