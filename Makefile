@@ -21,7 +21,7 @@ $(VENV)/.test: $(VENV)/.runtime
 	touch $@
 
 demo: $(VENV)/.runtime
-	$(PY) -m tools.shapes_demo --config=configs/shapes.py:demo
+	$(PY) -m rig_jax.tools.shapes_demo --config=configs/shapes.py:demo
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .

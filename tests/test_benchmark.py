@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from tools import benchmark
+from rig_jax.tools import benchmark
 
 
 def test_sampler_tiny_prints_json_lines(capsys):

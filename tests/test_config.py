@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_tool(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "tools.shapes_demo", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "rig_jax.tools.shapes_demo", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 

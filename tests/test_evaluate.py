@@ -14,7 +14,7 @@ from PIL import Image
 
 from rig_jax.data import shapes as S
 from rig_jax.eval.report import ReportRow, save_png_grid, write_html_report
-from tools import evaluate
+from rig_jax.tools import evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = 20
@@ -115,7 +115,7 @@ def test_missing_inputs_exit_2(shapes_data, tmp_path, capsys):
 def test_console_error_is_one_line(shapes_data, tmp_path):
     _, records_path, _, _ = shapes_data
     missing_dir = str(tmp_path / "absent")
-    proc = subprocess.run([sys.executable, "-m", "tools.evaluate", "--records", records_path,
+    proc = subprocess.run([sys.executable, "-m", "rig_jax.tools.evaluate", "--records", records_path,
                            "--images", missing_dir, "--out", str(tmp_path / "o")],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -10,8 +10,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_demo_tiny_writes_all_outputs(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    result = subprocess.run([sys.executable, "-m", "tools.shapes_demo", "--config=configs/shapes.py:tiny",
-                             f"--config.out_dir={out}", "--config.mesh.shape=(2,2,2)"],
+    result = subprocess.run([sys.executable, "-m", "rig_jax.tools.shapes_demo",
+                             "--config=configs/shapes.py:tiny", f"--config.out_dir={out}",
+                             "--config.mesh.shape=(2,2,2)"],
                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "'data': 2, 'fsdp': 2, 'tensor': 2" in result.stdout
@@ -33,7 +34,7 @@ def test_demo_on_two_hosts_splits_the_data_and_aggregates(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "tools.shapes_demo", "--config=configs/shapes.py:tiny",
+        [sys.executable, "-m", "rig_jax.tools.shapes_demo", "--config=configs/shapes.py:tiny",
          f"--config.out_dir={out}", "--config.mesh.shape=(2,2,2)", "--config.distributed.enabled=True",
          f"--config.distributed.coordinator_address=127.0.0.1:{port}",
          "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],

@@ -17,12 +17,13 @@ PROMPTS = ["a red cube left of a blue ball", "two cats on a sofa", "a green cone
 SAMPLE_ARGS = ["--batch", "2", "--steps", "3", "--guidance", "7.5", "--ncols", "2"]
 
 
-def run_tool(module: str, *args: str) -> subprocess.CompletedProcess:
+def run_tool(tool: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m rig_jax.tools.<tool> ARGS` in the repository root, CPU only."""
     env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", f"rig_jax.tools.{tool}", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
@@ -42,7 +43,7 @@ def tiny_sd(tmp_path_factory):
 @pytest.fixture(scope="module")
 def orbax_ckpt(tiny_sd, tmp_path_factory):
     ckpt = str(tmp_path_factory.mktemp("tools_sd") / "ckpt")
-    result = run_tool("tools.convert", "to-orbax", tiny_sd[0], ckpt)
+    result = run_tool("convert", "to-orbax", tiny_sd[0], ckpt)
     assert result.returncode == 0, result.stderr
     assert "to-orbax" in result.stdout
     return ckpt
@@ -83,7 +84,7 @@ def _json(path: str) -> dict:
 def test_convert_round_trip_gives_identical_tensors(tiny_sd, orbax_ckpt, tmp_path):
     source = tiny_sd[0]
     back = str(tmp_path / "back")
-    result = run_tool("tools.convert", "to-diffusers", orbax_ckpt, back)
+    result = run_tool("convert", "to-diffusers", orbax_ckpt, back)
     assert result.returncode == 0, result.stderr
     original, converted = _tensors(source), _tensors(back)
     assert set(original) == set(converted)
@@ -98,7 +99,7 @@ def test_convert_round_trip_gives_identical_tensors(tiny_sd, orbax_ckpt, tmp_pat
                 open(os.path.join(back, "tokenizer", name), "rb") as b:
             assert a.read() == b.read(), name
     # the target must be new (or --overwrite)
-    assert_one_line_error(run_tool("tools.convert", "to-diffusers", orbax_ckpt, back), back, "not empty")
+    assert_one_line_error(run_tool("convert", "to-diffusers", orbax_ckpt, back), back, "not empty")
 
 
 def test_sample_grid_and_exact_reproduction_from_latents(tiny_sd, orbax_ckpt, tmp_path):
@@ -108,7 +109,7 @@ def test_sample_grid_and_exact_reproduction_from_latents(tiny_sd, orbax_ckpt, tm
     prompts_file.write_text(f"{PROMPTS[1]}\n\n{PROMPTS[2]}\n")
     prompt_args = ["--prompt", PROMPTS[0], "--prompts", str(prompts_file)]
     latents, first = str(tmp_path / "noise.npy"), str(tmp_path / "first.png")
-    result = run_tool("tools.sample", "--model", tiny_sd[0], *prompt_args, *SAMPLE_ARGS, "--seed", "3",
+    result = run_tool("sample", "--model", tiny_sd[0], *prompt_args, *SAMPLE_ARGS, "--seed", "3",
                       "--save-latents", latents, "--out", first)
     assert result.returncode == 0, result.stderr
     with Image.open(first) as img:
@@ -125,7 +126,7 @@ def test_sample_grid_and_exact_reproduction_from_latents(tiny_sd, orbax_ckpt, tm
     outputs = []
     for model in (tiny_sd[0], orbax_ckpt):
         out = str(tmp_path / f"again_{len(outputs)}.png")
-        result = run_tool("tools.sample", "--model", model, *prompt_args, *SAMPLE_ARGS,
+        result = run_tool("sample", "--model", model, *prompt_args, *SAMPLE_ARGS,
                           "--init-latents", latents, "--out", out)
         assert result.returncode == 0, result.stderr
         outputs.append(out)
@@ -138,24 +139,24 @@ def test_sample_grid_and_exact_reproduction_from_latents(tiny_sd, orbax_ckpt, tm
 
 def test_missing_folder_is_one_line(tmp_path):
     missing = str(tmp_path / "nowhere")
-    assert_one_line_error(run_tool("tools.convert", "to-orbax", missing, str(tmp_path / "ckpt")), missing,
+    assert_one_line_error(run_tool("convert", "to-orbax", missing, str(tmp_path / "ckpt")), missing,
                           "folder not found")
-    assert_one_line_error(run_tool("tools.sample", "--model", missing, "--prompt", "x"), missing)
-    assert_one_line_error(run_tool("tools.convert", "to-diffusers", missing, str(tmp_path / "out")), missing)
+    assert_one_line_error(run_tool("sample", "--model", missing, "--prompt", "x"), missing)
+    assert_one_line_error(run_tool("convert", "to-diffusers", missing, str(tmp_path / "out")), missing)
 
 
 def test_missing_file_is_one_line(broken_copies, tmp_path):
     folder = broken_copies["no_config"]
     needle = os.path.join(folder, "unet", "config.json")
-    assert_one_line_error(run_tool("tools.convert", "to-orbax", folder, str(tmp_path / "ckpt")), needle)
-    assert_one_line_error(run_tool("tools.sample", "--model", folder, "--prompt", "x"), needle)
+    assert_one_line_error(run_tool("convert", "to-orbax", folder, str(tmp_path / "ckpt")), needle)
+    assert_one_line_error(run_tool("sample", "--model", folder, "--prompt", "x"), needle)
 
 
 def test_wrong_shape_is_one_line(broken_copies, tmp_path):
     folder = broken_copies["wrong_shape"]
-    assert_one_line_error(run_tool("tools.convert", "to-orbax", folder, str(tmp_path / "ckpt")),
+    assert_one_line_error(run_tool("convert", "to-orbax", folder, str(tmp_path / "ckpt")),
                           "decoder.conv_in.bias", "(3,)")
-    assert_one_line_error(run_tool("tools.sample", "--model", folder, "--prompt", "x"),
+    assert_one_line_error(run_tool("sample", "--model", folder, "--prompt", "x"),
                           "decoder.conv_in.bias")
 
 
@@ -170,9 +171,9 @@ def test_wrong_checkpoint_shape_and_bad_latents_are_one_line(tiny_sd, orbax_ckpt
     broken = str(tmp_path / "broken_ckpt")
     shutil.copytree(os.path.join(orbax_ckpt, "tokenizer"), os.path.join(broken, "tokenizer"))
     save_checkpoint(broken, params, metadata)
-    assert_one_line_error(run_tool("tools.convert", "to-diffusers", broken, str(tmp_path / "out")),
+    assert_one_line_error(run_tool("convert", "to-diffusers", broken, str(tmp_path / "out")),
                           "text_encoder/final_layer_norm/scale", "(7,)")
     bad = str(tmp_path / "bad.npy")
     np.save(bad, np.zeros((2, 8, 8, 3), np.float32))
-    assert_one_line_error(run_tool("tools.sample", "--model", orbax_ckpt, "--prompt", "x",
+    assert_one_line_error(run_tool("sample", "--model", orbax_ckpt, "--prompt", "x",
                                    "--init-latents", bad), bad, "(2, 8, 8, 3)")

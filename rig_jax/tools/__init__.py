@@ -1,0 +1,1 @@
+"""The command-line tools (console scripts `rig-*`): thin entry points over the library."""

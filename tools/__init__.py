@@ -1,1 +1,0 @@
-"""Thin command-line entry points; the work lives in rig_jax."""
