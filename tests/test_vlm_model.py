@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from rig_jax.errors import ConfigError, WeightsError
-from rig_jax.models.vlm import Qwen25VLConfig, vision_inputs
+from rig_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_inputs
 from rig_jax.vlm.processor import mrope_position_ids
 from rig_jax.weights.io import load_safetensors_folder, save_safetensors
 from rig_jax.weights.qwen_vl_keys import load_qwen_vl, qwen_vl_boxed_params, save_qwen_vl

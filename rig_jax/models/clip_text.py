@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
-from rig_jax.models.layers import dense
+from rig_jax.models.layers import activation, dense, layer_norm
 
 # Fields that shape the network, with transformers' CLIPTextConfig defaults.
 _NETWORK_DEFAULTS: dict[str, Any] = {
@@ -166,18 +166,6 @@ class CLIPTextConfig:
 
 # ----------------------------------------------------------------------------- layers
 
-def _layer_norm(eps: float, dtype: Any, param_dtype: Any, name: str | None = None) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=eps, dtype=dtype, param_dtype=param_dtype, name=name, use_fast_variance=False,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
-def _activation(name: str, x: jax.Array) -> jax.Array:
-    if name == "quick_gelu":
-        return x * jax.nn.sigmoid(1.702 * x)
-    return jax.nn.gelu(x, approximate=False)
-
-
 class CLIPAttention(nn.Module):
     config: CLIPTextConfig
     dtype: Any = jnp.float32
@@ -205,7 +193,7 @@ class CLIPMLP(nn.Module):
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype, "kernel_init": INIT}
         h = dense(cfg.intermediate_size, ("embed", "mlp"), "fc1", **kw)(x)
-        h = _activation(cfg.hidden_act, h)
+        h = activation(cfg.hidden_act)(h)
         return dense(cfg.hidden_size, ("mlp", "embed"), "fc2", **kw)(h)
 
 
@@ -217,9 +205,9 @@ class CLIPEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         cfg, dt, pdt = self.config, self.dtype, self.param_dtype
-        h = _layer_norm(cfg.layer_norm_eps, dt, pdt, "layer_norm1")(x)
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm1", dt, pdt)(x)
         x = x + CLIPAttention(cfg, dt, pdt, name="self_attn")(h, mask)
-        h = _layer_norm(cfg.layer_norm_eps, dt, pdt, "layer_norm2")(x)
+        h = layer_norm(cfg.layer_norm_eps, "layer_norm2", dt, pdt)(x)
         x = x + CLIPMLP(cfg, dt, pdt, name="mlp")(h)
         return nn.with_logical_constraint(x, ("batch", "length", "embed"))
 
@@ -275,7 +263,7 @@ class CLIPTextModel(nn.Module):
     def setup(self) -> None:
         self.embeddings = CLIPEmbeddings(self.config, self.dtype, self.param_dtype)
         self.encoder = CLIPEncoder(self.config, self.dtype, self.param_dtype)
-        self.final_layer_norm = _layer_norm(self.config.layer_norm_eps, self.dtype, self.param_dtype)
+        self.final_layer_norm = layer_norm(self.config.layer_norm_eps, None, self.dtype, self.param_dtype)
 
     def _hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None,
                        num_layers: int) -> tuple[jax.Array, ...]:

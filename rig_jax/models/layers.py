@@ -1,4 +1,5 @@
-"""Convolution, GroupNorm, ResNet and resampling layers shared by the U-Net and the VAE (NHWC).
+"""Layers the models share: convolution, GroupNorm, ResNet and resampling for the U-Net and
+the VAE (NHWC); dense, RMSNorm, rotary helpers and activations for the transformers.
 
 Both networks are built by diffusers from the same pieces (`ResnetBlock2D`, `Downsample2D`,
 `Upsample2D`); one implementation keeps their numerics, their sharding names and their
@@ -8,12 +9,15 @@ the time embedding), the difference is a parameter here and each caller passes i
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from rig_jax.errors import ConfigError
 
 CONV_NAMES = (None, None, "conv_in", "conv_out")
 IMAGE_NAMES = ("batch", "height", "width", "channels")
@@ -146,3 +150,55 @@ class Upsample2D(nn.Module):
         x = nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
         x = conv2d(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
         return nn.with_logical_constraint(x, IMAGE_NAMES)
+
+
+# ---- what the transformers share (CLIP, the Qwen2.5-VL decoder and vision tower) ----------
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": nn.silu,
+    "gelu": lambda x: nn.gelu(x, approximate=False),
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
+}
+
+
+def activation(name: str, source: str = "config") -> Callable[[jax.Array], jax.Array]:
+    """The activation a Hugging Face config names (`hidden_act`, `act_fn`); an unknown name is a
+    ConfigError naming `source`, so a model never runs with a silently substituted one."""
+    if name not in ACTIVATIONS:
+        raise ConfigError(f"{source}: hidden_act {name!r} is not supported (one of {sorted(ACTIVATIONS)})")
+    return ACTIVATIONS[name]
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * scale, statistics in float32 (Qwen's RMSNorm, also T5's)."""
+    eps: float = 1e-6
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """(x1, x2) -> (-x2, x1) on the last axis: the rotation half of rotary embeddings."""
+    half = x.shape[-1] // 2
+    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotary position embedding `x * cos + rotate_half(x) * sin` (cos/sin broadcast to x)."""
+    return x * cos + rotate_half(x) * sin
+
+
+def layer_norm(epsilon: float, name: str | None, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
+    """PyTorch's LayerNorm (E[(x - mean)^2] variance) with logically named scale and bias."""
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                        use_fast_variance=False,
+                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))

@@ -39,6 +39,7 @@ from rig_jax.models.layers import (
     Upsample2D,
     conv2d,
     dense,
+    layer_norm,
 )
 
 TOKEN_NAMES = ("batch", "length", "channels")
@@ -437,13 +438,6 @@ class UNetConfig:
 # ---- U-Net-only layers (those shared with the VAE are in rig_jax/models/layers.py) -----
 
 
-def _layer_norm(name: str, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-    return nn.LayerNorm(epsilon=TRANSFORMER_LAYERNORM_EPS, dtype=dtype, param_dtype=param_dtype,
-                        use_fast_variance=False, name=name,
-                        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                        bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)))
-
-
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> jax.Array:
     """diffusers' sinusoidal `get_timestep_embedding`, in float32: `(batch,)` -> `(batch, dim)`."""
@@ -508,9 +502,10 @@ class BasicTransformerBlock(nn.Module):
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         attn = {"num_heads": self.num_heads, "head_dim": self.head_dim, "upcast": self.upcast, **kw}
-        x = x + Attention(name="attn1", **attn)(_layer_norm("norm1", **kw)(x))
-        x = x + Attention(name="attn2", **attn)(_layer_norm("norm2", **kw)(x), context)
-        x = x + FeedForward(name="ff", **kw)(_layer_norm("norm3", **kw)(x))
+        norm = lambda name: layer_norm(TRANSFORMER_LAYERNORM_EPS, name, **kw)
+        x = x + Attention(name="attn1", **attn)(norm("norm1")(x))
+        x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context)
+        x = x + FeedForward(name="ff", **kw)(norm("norm3")(x))
         return nn.with_logical_constraint(x, TOKEN_NAMES)
 
 

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.errors import ConfigError
-from rig_jax.models.vlm.lm import TextConfig
-from rig_jax.models.vlm.model import Qwen25VL, Qwen25VLConfig, dummy_inputs
+from rig_jax.models.qwen2_5_vl.lm import TextConfig
+from rig_jax.models.qwen2_5_vl.model import Qwen25VL, Qwen25VLConfig, dummy_inputs
 from rig_jax.parallel import DEFAULT_RULES, activation_sharding, init_sharded, make_mesh
 from rig_jax.vlm.decode import generate
 

@@ -32,9 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.errors import RigError
-from rig_jax.models.vlm.lm import init_cache
-from rig_jax.models.vlm.model import Qwen25VL
-from rig_jax.models.vlm.vision import vision_inputs
+from rig_jax.models.qwen2_5_vl.lm import init_cache
+from rig_jax.models.qwen2_5_vl.model import Qwen25VL
+from rig_jax.models.qwen2_5_vl.vision import vision_inputs
 
 Batch = Mapping[str, Any]
 

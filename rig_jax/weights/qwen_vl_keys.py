@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.errors import ConfigError, WeightsError
-from rig_jax.models.vlm.model import Qwen25VL, Qwen25VLConfig, dummy_inputs
-from rig_jax.models.vlm.vision import VisionConfig
+from rig_jax.models.qwen2_5_vl.model import Qwen25VL, Qwen25VLConfig, dummy_inputs
+from rig_jax.models.qwen2_5_vl.vision import VisionConfig
 from rig_jax.weights.io import load_safetensors_folder, read_json, save_safetensors, write_json
 from rig_jax.weights.mapping import (
     IDENTITY,

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
-from rig_jax.models.layers import dense
-from rig_jax.models.vlm.vision import RMSNorm, activation, rotate_half
+from rig_jax.models.layers import RMSNorm, activation, apply_rotary, dense
 
 Cache = dict[str, jax.Array]
 
@@ -113,8 +112,8 @@ class TextAttention(nn.Module):
         k = k.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim)
         v = v.reshape(b, length, cfg.num_key_value_heads, cfg.head_dim)
         c, s = cos[:, :, None, :], sin[:, :, None, :]
-        q = q * c + rotate_half(q) * s
-        k = k * c + rotate_half(k) * s
+        q = apply_rotary(q, c, s)
+        k = apply_rotary(k, c, s)
         new_cache = None
         if layer_cache is not None:
             cache_k, cache_v, index = layer_cache

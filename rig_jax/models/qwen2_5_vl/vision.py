@@ -11,7 +11,7 @@ Param names follow the HF names (`blocks_0/attn/qkv/kernel` <-> `visual.blocks.0
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -21,23 +21,9 @@ import numpy as np
 
 from rig_jax.errors import ConfigError, DataError
 from rig_jax.models.attention import dot_product_attention
-from rig_jax.models.layers import dense
+from rig_jax.models.layers import RMSNorm, activation, apply_rotary, dense
 
 VISION_NORM_EPS = 1e-6  # transformers hard-codes eps=1e-6 for every vision norm
-
-ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "silu": nn.silu,
-    "gelu": lambda x: nn.gelu(x, approximate=False),
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
-    "quick_gelu": lambda x: x * nn.sigmoid(1.702 * x),
-}
-
-
-def activation(name: str, source: str = "config") -> Callable[[jax.Array], jax.Array]:
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"{source}: hidden_act {name!r} is not supported (one of {sorted(ACTIVATIONS)})")
-    return ACTIVATIONS[name]
-
 
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
@@ -165,26 +151,6 @@ def num_merged_tokens(image_grid_thw: np.ndarray | Sequence[Sequence[int]], merg
 
 # ---------------------------------------------------------------- modules
 
-class RMSNorm(nn.Module):
-    """x / rms(x) * scale, statistics in float32 (Qwen's RMSNorm, also T5's)."""
-    eps: float = 1e-6
-    dtype: Any = jnp.float32
-    param_dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
-        x32 = x.astype(jnp.float32)
-        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(self.dtype) * scale.astype(self.dtype)
-
-
-def rotate_half(x: jax.Array) -> jax.Array:
-    half = x.shape[-1] // 2
-    return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
-
-
 def vision_rotary(rope_positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
     """(N, 2) integer (row, column) -> cos, sin of shape (N, head_dim): a quarter of the
     frequencies rotate with the row, a quarter with the column, the pattern repeated twice."""
@@ -209,8 +175,8 @@ class VisionAttention(nn.Module):
         q, k, v = jnp.moveaxis(qkv.reshape(n, 3, cfg.num_heads, cfg.head_dim), 1, 0)
         # rotary in float32, as the reference does
         c, s = cos[:, None, :], sin[:, None, :]
-        q = (q.astype(jnp.float32) * c + rotate_half(q.astype(jnp.float32)) * s).astype(self.dtype)
-        k = (k.astype(jnp.float32) * c + rotate_half(k.astype(jnp.float32)) * s).astype(self.dtype)
+        q = apply_rotary(q.astype(jnp.float32), c, s).astype(self.dtype)
+        k = apply_rotary(k.astype(jnp.float32), c, s).astype(self.dtype)
         out = dot_product_attention(q[None], k[None], v[None], mask=mask[None, None])[0]
         return dense(cfg.hidden_size, ("heads", "embed"), "proj", self.dtype, self.param_dtype)(
             out.reshape(n, cfg.hidden_size))

@@ -18,8 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.errors import ConfigError
-from rig_jax.models.vlm.lm import Cache, TextConfig, TextModel
-from rig_jax.models.vlm.vision import VisionConfig, VisionTransformer, vision_inputs
+from rig_jax.models.qwen2_5_vl.lm import Cache, TextConfig, TextModel
+from rig_jax.models.qwen2_5_vl.vision import VisionConfig, VisionTransformer, vision_inputs
 
 # Fields that describe training, serving or provenance and do not change the forward pass.
 _METADATA = {
