@@ -16,7 +16,7 @@ from rig_jax.diffusion import edit_latents
 from rig_jax.errors import ConfigError, RigError, WeightsError
 from rig_jax.rig import diffuser
 from rig_jax.rig.editor import edit, edit_condition_text
-from rig_jax.train.checkpoint import load_metadata, save_checkpoint
+from rig_jax.weights.orbax_store import load_metadata, save_checkpoint
 from rig_jax.weights.diffusers_pipeline import (
     load_any_pipeline,
     load_pipeline,

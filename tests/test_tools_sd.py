@@ -163,7 +163,7 @@ def test_wrong_shape_is_one_line(broken_copies, tmp_path):
 def test_wrong_checkpoint_shape_and_bad_latents_are_one_line(tiny_sd, orbax_ckpt, tmp_path):
     import jax
 
-    from rig_jax.train.checkpoint import load_checkpoint, save_checkpoint
+    from rig_jax.weights.orbax_store import load_checkpoint, save_checkpoint
 
     params, metadata = load_checkpoint(orbax_ckpt)
     params = jax.tree.map(np.asarray, params)

@@ -275,7 +275,7 @@ def save_pipeline(folder: str, pipe: SDPipeline, params: Mapping[str, Any]) -> N
 
 def is_pipeline_checkpoint(path: str) -> bool:
     """True when `path` is a rig_jax checkpoint folder (rather than a diffusers folder)."""
-    from rig_jax.train.checkpoint import METADATA_FILE, PARAMS_DIR
+    from rig_jax.weights.orbax_store import METADATA_FILE, PARAMS_DIR
     if os.path.isfile(os.path.join(path, MODEL_INDEX)):
         return False
     return os.path.isfile(os.path.join(path, METADATA_FILE)) or os.path.isdir(os.path.join(path, PARAMS_DIR))
@@ -285,7 +285,7 @@ def save_pipeline_checkpoint(path: str, pipe: SDPipeline, params: Mapping[str, A
                              overwrite: bool = False) -> None:
     """Saves the pipeline as an orbax checkpoint: params in `params/`, configs and the text
     layer in the metadata JSON, the tokenizer files copied into `tokenizer/`."""
-    from rig_jax.train.checkpoint import save_checkpoint
+    from rig_jax.weights.orbax_store import save_checkpoint
 
     _check_param_groups(params, path)
     check_param_tree(params, expected_params(pipe), path)
@@ -312,7 +312,7 @@ def load_pipeline_checkpoint(path: str, dtype: Any = jnp.float32, param_dtype: A
                              text_layer: str | None = None) -> tuple[SDPipeline, dict[str, Any]]:
     """Reads a checkpoint written by `save_pipeline_checkpoint`: `(pipeline, params)`, the same
     as `load_pipeline` on the diffusers folder it came from. `text_layer` overrides the saved one."""
-    from rig_jax.train.checkpoint import PARAMS_DIR, load_checkpoint, load_metadata
+    from rig_jax.weights.orbax_store import PARAMS_DIR, load_checkpoint, load_metadata
 
     if not os.path.isdir(path):
         raise WeightsError(f"{path}: folder not found")

@@ -1,4 +1,5 @@
-"""Orbax checkpoints of param trees, with a JSON sidecar for everything that is not an array.
+"""A params-only orbax store: one param tree plus a JSON sidecar for everything that is not an
+array (the pipeline checkpoints of `rig-convert to-orbax`). Resumable train state lives in train/.
 
 Orbax writes into a temporary folder and renames it on success (`commit_success.txt`), so a
 crash never leaves a half-written checkpoint under the final name.
