@@ -15,6 +15,7 @@ from rig_jax.data.laion_sg import load_laion_sg_json
 from rig_jax.data.scene_graph import SceneGraph
 from rig_jax.errors import ConfigError, DataError
 from rig_jax.eval.scene_graph_iou import score_dataset
+from rig_jax.eval.shapes_judge import ShapesJudge
 
 CONFIG = S.ShapesConfig()
 
@@ -28,7 +29,7 @@ def world():
 
 
 def _scores(images, graphs, config=CONFIG):
-    results = S.ShapesJudge(config).judge(list(images), graphs)
+    results = ShapesJudge(config).judge(list(images), graphs)
     metrics = score_dataset([r.graph for r in results], graphs)
     metrics["judge_score"] = float(np.mean([r.judge_score for r in results]))
     return metrics, results

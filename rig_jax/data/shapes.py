@@ -33,7 +33,6 @@ import numpy as np
 
 from rig_jax.data.scene_graph import Item, Relation, SceneGraph
 from rig_jax.errors import ConfigError, DataError
-from rig_jax.eval.base import JudgeResult
 
 PALETTE: dict[str, tuple[float, float, float]] = {
     "red": (1.0, 0.0, 0.0),
@@ -379,34 +378,6 @@ def graph_from_objects(objects: Sequence[DetectedObject], config: ShapesConfig,
             predicate = relation_between(by_colour[s_colour].centre, by_colour[o_colour].centre)
             relations.append(Relation(id_of_colour[s_colour], predicate, id_of_colour[o_colour]))
     return SceneGraph(items, tuple(relations))
-
-
-def _describe(objects: Sequence[DetectedObject]) -> str:
-    return "; ".join(f"{o.colour} {o.shape} box={o.box} area={o.area}" for o in objects) or "no objects"
-
-
-class ShapesJudge:
-    """The ShapesSG Checker and Judge: `detect` per image, then per ground-truth triplet
-    (attribute + label form) whether it is among the detected triplets. No rating."""
-    name = "shapes"
-
-    def __init__(self, config: ShapesConfig | None = None):
-        self.config = config
-
-    def judge(self, images: Sequence[np.ndarray], graphs: Sequence[SceneGraph]) -> list[JudgeResult]:
-        if len(images) != len(graphs):
-            raise DataError(f"ShapesJudge: {len(images)} images but {len(graphs)} scene graphs")
-        results = []
-        for image, graph in zip(images, graphs, strict=True):
-            config = self.config or ShapesConfig(image_size=int(np.shape(image)[0]))
-            objects = detect_objects(image, config)
-            found = graph_from_objects(objects, config, graph)
-            shown = set(found.triplets(with_attributes=True))
-            verdicts = tuple(t in shown for t in graph.triplets(with_attributes=True))
-            raw = _describe(objects)
-            results.append(JudgeResult(graph=found, triplet_verdicts=verdicts, rating=None,
-                                       malformed=False, raw=raw))
-        return results
 
 
 # ----------------------------------------------------------------------------- files

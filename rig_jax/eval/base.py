@@ -1,6 +1,6 @@
 """What every judge returns, so metrics and reports need not know which judge ran.
 
-Judges: the ShapesSG pixel detector (`rig_jax.data.shapes`) and the VLM judge
+Judges: the ShapesSG pixel detector (`rig_jax.eval.shapes_judge`) and the VLM judge
 (`rig_jax.eval.judge`). Both read an image against the scene graph it should show.
 """
 from __future__ import annotations

@@ -85,6 +85,7 @@ def load_image(path: str) -> np.ndarray:
 def build_judge(args: argparse.Namespace, graphs: Sequence[SceneGraph], first_image: np.ndarray) -> Judge:
     if args.judge == "shapes":
         from rig_jax.data import shapes
+        from rig_jax.eval.shapes_judge import ShapesJudge
 
         # Colours the records name join the default palette; labels all "object" mean colour-only.
         named = {a for g in graphs for it in g.items for a in it.attributes if a in shapes.PALETTE}
@@ -96,7 +97,7 @@ def build_judge(args: argparse.Namespace, graphs: Sequence[SceneGraph], first_im
         except ConfigError as e:
             raise DataError(f"{args.images}: images of {size} px cannot be read by the shapes judge ({e})") \
                 from None
-        return shapes.ShapesJudge(config)
+        return ShapesJudge(config)
     return build_vlm_judge(args)
 
 

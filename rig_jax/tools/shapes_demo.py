@@ -39,6 +39,7 @@ def run(config: Any) -> dict[str, Any]:
 
     from rig_jax.data import laion_sg, shapes
     from rig_jax.eval.report import write_evaluation
+    from rig_jax.eval.shapes_judge import ShapesJudge
     from rig_jax.parallel import make_mesh
 
     mesh = make_mesh(config.mesh)
@@ -61,7 +62,7 @@ def run(config: Any) -> dict[str, Any]:
 
     reader = laion_sg.make_reader(builder, "test", config.data.batch_size, config.seed, shuffle=False,
                                   num_epochs=1, drop_remainder=False)
-    judge = shapes.ShapesJudge(world)
+    judge = ShapesJudge(world)
     noise = np.random.default_rng(config.seed)
     records, graphs, results, images = [], [], [], []
     judge_seconds = 0.0
