@@ -6,6 +6,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from rig_jax.vlm.lenient_json import loads_lenient
 from rig_jax.vlm.prompts import (
     CheckerVerdicts,
     EditPrompt,
@@ -14,7 +15,6 @@ from rig_jax.vlm.prompts import (
     checker_prompt,
     checker_score,
     format_checker_feedback,
-    loads_lenient,
     parse_checker_answer,
     parse_edit_prompt,
     parse_verdict,

@@ -10,7 +10,7 @@ Two questions per image, over any text generator
    and mapped back to the ground-truth spelling (so the extracted graph keeps each item's
    label and attributes, and both node forms of the IoU metrics work);
 2. per-triplet yes/no verdicts and a 1-10 overall spatial-consistency rating.
-Answers are read leniently (`rig_jax.vlm.prompts`); an unusable answer never raises: it is
+Answers are read leniently (`rig_jax.vlm.lenient_json`); an unusable answer never raises: it is
 flagged `malformed` and what it could not give scores 0 (empty graph, no verdicts, no rating).
 """
 from __future__ import annotations
@@ -28,15 +28,8 @@ import numpy as np
 from rig_jax.data.scene_graph import Item, Relation, SceneGraph, Triplet
 from rig_jax.errors import RigError, WeightsError
 from rig_jax.eval.base import JudgeResult
-from rig_jax.vlm.prompts import (
-    Verdict,
-    as_triplet,
-    get_field,
-    loads_lenient,
-    match_verdicts,
-    normalize_text,
-    verdicts_from_lines,
-)
+from rig_jax.vlm.lenient_json import get_field, loads_lenient
+from rig_jax.vlm.prompts import Verdict, as_triplet, match_verdicts, normalize_text, verdicts_from_lines
 
 GenerateFn = Callable[[list[np.ndarray], list[str]], list[str]]
 
