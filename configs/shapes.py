@@ -1,15 +1,15 @@
 """ShapesSG jobs: the README's main command and the smallest runs for tests.
 
 Variants: `demo` (default), `tiny` (seconds, for tests and smoke runs).
-    python -m tools.shapes_demo --config=configs/shapes.py:demo --config.world.image_size=64
+    python -m rig_jax.tools.shapes_demo --config=configs/shapes.py:demo --config.world.image_size=64
 """
 import ml_collections
 
-from rig_jax.config import base_config
+from configs import common
 
 
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
-    c = base_config()
+    c = common.base()
     c.variant = variant
     c.out_dir = "runs/shapes_demo"
 

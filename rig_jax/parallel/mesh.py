@@ -1,19 +1,22 @@
-"""The one device mesh `(data, fsdp, tensor)`, built from config, and multi-host start-up.
+"""The one device mesh `(data, fsdp, tensor)`, built from config, multi-host start-up, and the
+context every run enters once at the top (`mesh_context`).
 
 A one-device run and a pod run go through the same code: only `config.mesh` changes.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from jax.sharding import Mesh
 
 from rig_jax.errors import ConfigError
-from rig_jax.parallel.rules import MESH_AXES
+from rig_jax.parallel.rules import MESH_AXES, LogicalRules, rules_from_config
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
@@ -91,3 +94,16 @@ def maybe_initialize_distributed(dist_config: Any) -> None:
     if dist_config.get("local_device_ids"):
         kwargs["local_device_ids"] = list(dist_config.local_device_ids)
     jax.distributed.initialize(**kwargs)
+
+
+@contextlib.contextmanager
+def mesh_context(config: Any) -> Iterator[tuple[Mesh, LogicalRules]]:
+    """Builds the mesh and the logical axis rules from `config.mesh` and enters both (the jax
+    mesh and `nn.logical_axis_rules`), yielding `(mesh, rules)` for the loaders and jitted
+    steps: the models' `with_logical_constraint` calls act inside it. Every tool and every
+    `rig/` run enters it once, at the top."""
+    mesh_config = config.mesh if hasattr(config, "mesh") else config
+    mesh = make_mesh(mesh_config)
+    rules = rules_from_config(mesh_config.rules)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield mesh, rules

@@ -14,10 +14,9 @@ import sys
 import time
 from typing import Any
 
-from rig_jax.config import define_config_flag, run_with_config
+from rig_jax.config import SugarParser, run_tool
 from rig_jax.errors import ConfigError
 
-_CONFIG = define_config_flag("configs/shapes.py:demo")
 COLOUR_ONLY = {"auto": None, "on": True, "off": False}
 
 
@@ -32,6 +31,14 @@ def world_config(world: Any):
 
 
 def run(config: Any) -> dict[str, Any]:
+    """The job on the mesh of `config.mesh`; returns the metrics it wrote."""
+    from rig_jax.parallel import mesh_context
+
+    with mesh_context(config) as (mesh, _):
+        return _run(config, mesh)
+
+
+def _run(config: Any, mesh: Any) -> dict[str, Any]:
     import jax
     import numpy as np
     import tensorflow_datasets as tfds
@@ -40,9 +47,7 @@ def run(config: Any) -> dict[str, Any]:
     from rig_jax.data import laion_sg, shapes
     from rig_jax.eval.report import write_evaluation
     from rig_jax.eval.shapes_judge import ShapesJudge
-    from rig_jax.parallel import make_mesh
 
-    mesh = make_mesh(config.mesh)
     host, hosts = jax.process_index(), jax.process_count()
     print(f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.default_backend()} device(s), "
           f"host {host} of {hosts}")
@@ -115,9 +120,13 @@ def write_all_hosts_metrics(out_dir: str, graphs: list, results: list, host: int
     return metrics
 
 
+def build_parser() -> SugarParser:
+    return SugarParser("shapes_demo", __doc__.splitlines()[0], "configs/shapes.py:demo")
+
+
 def main(argv: list[str] | None = None) -> None:
-    sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
-    run_with_config(run, _CONFIG)
+    """`python -m rig_jax.tools.shapes_demo --config=configs/shapes.py:demo --config.a.b=v`."""
+    run_tool(run, argv, build_parser())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Python configs: each `configs/<name>.py` defines `get_config(variant) -> ConfigDict`."""
