@@ -1,4 +1,7 @@
-"""Jitted decoding and scoring against transformers' `generate` and forward (float32, CPU)."""
+"""Jitted decoding and scoring against transformers' `generate` and forward (float32, CPU).
+
+The tiny random model has every weight perturbed (biases and norm scales included); the
+reference log-probs are taken at the M-RoPE positions transformers computes itself."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,28 +13,22 @@ from rig_jax.parallel import DEFAULT_RULES, make_mesh, param_shardings
 from rig_jax.vlm.decode import filter_logits, generate, score
 from rig_jax.vlm.processor import mrope_position_ids
 from rig_jax.weights.qwen_vl_keys import load_qwen_vl, qwen_vl_boxed_params
-
-IMAGE, START, END = 500, 502, 503
-PATCH_DIM = 3 * 2 * 14 * 14
+from tests.helpers import (
+    END,
+    IMAGE,
+    PATCH_DIM,
+    START,
+    hf_rope_positions,
+    left_pad,
+    save_tiny_qwen_vl,
+    tiny_qwen_vl_config,
+)
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-    config = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [2, 3, 3]},
-                         initializer_range=0.1, eos_token_id=None, bos_token_id=None),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
-                           fullatt_block_indexes=[1], initializer_range=0.1),
-        image_token_id=IMAGE, video_token_id=501, vision_start_token_id=START, vision_end_token_id=END)
-    torch.manual_seed(1)
-    hf = Qwen2_5_VLForConditionalGeneration(config).eval()
     folder = str(tmp_path_factory.mktemp("qwen_vl_decode"))
-    hf.save_pretrained(folder)
+    hf = save_tiny_qwen_vl(folder, tiny_qwen_vl_config(depth=2), seed=1)
     _, module, params = load_qwen_vl(folder, dtype=jnp.float32)
     return {"hf": hf, "module": module, "params": params, "folder": folder}
 
@@ -41,12 +38,7 @@ def image_tokens(grid):
 
 
 def make_batch(rows, grids, seed=0):
-    length = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), length), np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
+    ids, mask = left_pad(rows, np.int32)
     grids = np.asarray(grids, np.int64).reshape(-1, 3)
     pos, deltas = mrope_position_ids(ids, grids if len(grids) else None, mask, IMAGE, START, 2)
     batch = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, "rope_deltas": deltas}
@@ -105,21 +97,19 @@ def test_stop_token_masks_and_pads(tiny, prompts):
 
 
 def hf_reference_logprobs(hf, batch, completions):
-    """log-softmax of transformers' logits over prompt + completion, at the completion tokens."""
-    b, prompt_len = batch["input_ids"].shape
-    length = completions.shape[1]
+    """log-softmax of transformers' logits over prompt + completion, at the completion tokens, with
+    the positions transformers' `get_rope_index` gives the whole sequence."""
+    prompt_len = batch["input_ids"].shape[1]
     ids = np.concatenate([batch["input_ids"], completions], axis=1)
     mask = np.concatenate([batch["attention_mask"], np.ones_like(completions)], axis=1)
-    start = batch["attention_mask"].sum(-1) + batch["rope_deltas"]
-    tail = np.broadcast_to((start[:, None] + np.arange(length))[None], (3, b, length))
-    pos = np.concatenate([batch["position_ids"], tail], axis=2)
+    pos = hf_rope_positions(hf, ids, mask, batch.get("image_grid_thw", np.zeros((0, 3))))
     kwargs = {}
     if "pixel_values" in batch:
         kwargs = {"pixel_values": torch.tensor(batch["pixel_values"]),
                   "image_grid_thw": torch.tensor(batch["image_grid_thw"])}
     with torch.no_grad():
         logits = hf(input_ids=torch.tensor(ids).long(), attention_mask=torch.tensor(mask).long(),
-                    position_ids=torch.tensor(pos).long(), **kwargs).logits.double()
+                    position_ids=pos, **kwargs).logits.double()
     logp = torch.log_softmax(logits[:, prompt_len - 1:-1], dim=-1).numpy()
     return np.take_along_axis(logp, completions[..., None], axis=-1)[..., 0]
 

@@ -1,12 +1,13 @@
 """Qwen2.5-VL in Flax against transformers' Qwen2_5_VLForConditionalGeneration (float32, CPU).
 
-A tiny random model is saved once per module; inputs are raw token ids, random packed
-pixel values and grids whose windows really partition the images (window 56 px = 2x2 merged
-tokens; a 8x12-patch grid has 2x3 windows, a 6x10 one ragged 2x3 windows).
+A tiny random model (every weight perturbed, biases and norm scales included) is saved once
+per module; inputs are raw token ids, random packed pixel values and grids whose windows really
+partition the images (window 56 px = 2x2 merged tokens; a 8x12-patch grid has 2x3 windows, a
+6x10 one ragged 2x3 windows). transformers computes its own M-RoPE positions (`get_rope_index`);
+rig_jax's come from `mrope_position_ids`.
 """
 import json
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -19,32 +20,23 @@ from rig_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_inputs
 from rig_jax.vlm.processor import mrope_position_ids
 from rig_jax.weights.io import load_safetensors_folder, save_safetensors
 from rig_jax.weights.qwen_vl_keys import load_qwen_vl, qwen_vl_boxed_params, save_qwen_vl
-
-IMAGE, VIDEO, START, END = 500, 501, 502, 503
-PATCH_DIM = 3 * 2 * 14 * 14
-
-
-def hf_config(tie: bool = False):
-    from transformers import Qwen2_5_VLConfig
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [2, 3, 3]},
-                         initializer_range=0.1, eos_token_id=None, bos_token_id=None),
-        vision_config=dict(depth=3, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
-                           fullatt_block_indexes=[1], initializer_range=0.1),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=START, vision_end_token_id=END,
-        tie_word_embeddings=tie)
+from tests.helpers import (
+    END,
+    IMAGE,
+    PATCH_DIM,
+    START,
+    STRICT_KEY_CASES,
+    check_strict_key_case,
+    hf_rope_positions,
+    left_pad,
+    rel_err,
+    save_tiny_qwen_vl,
+    tiny_qwen_vl_config,
+)
 
 
 def save_tiny(folder: str, seed: int = 0, tie: bool = False):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(hf_config(tie)).eval()
-    model.save_pretrained(folder)
-    return model
+    return save_tiny_qwen_vl(folder, tiny_qwen_vl_config(depth=3, tie=tie), seed)
 
 
 @pytest.fixture(scope="module")
@@ -61,25 +53,21 @@ def image_tokens(grid):
 
 def make_inputs(rows, grids, seed=0):
     """Left-padded ids + mask + positions (numpy) and random packed pixels for `grids`."""
-    length = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), length), np.int64)
-    mask = np.zeros((len(rows), length), np.int64)
-    for i, r in enumerate(rows):
-        ids[i, length - len(r):] = r
-        mask[i, length - len(r):] = 1
+    ids, mask = left_pad(rows)
     grids = np.asarray(grids, np.int64).reshape(-1, 3)
     pix = np.random.default_rng(seed).standard_normal((int(np.prod(grids, -1).sum()), PATCH_DIM))
     pos, deltas = mrope_position_ids(ids, grids if len(grids) else None, mask, IMAGE, START, 2)
     return ids, mask, pos, deltas, pix.astype(np.float32), grids
 
 
-def hf_logits(hf, ids, mask, pos, pix, grids):
+def hf_logits(hf, ids, mask, pix, grids):
+    """transformers' logits, at the positions transformers computes itself."""
     kwargs = {}
     if len(grids):
         kwargs = {"pixel_values": torch.tensor(pix), "image_grid_thw": torch.tensor(grids)}
     with torch.no_grad():
         return hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                  position_ids=torch.tensor(pos).long(), **kwargs).logits.numpy()
+                  position_ids=hf_rope_positions(hf, ids, mask, grids), **kwargs).logits.numpy()
 
 
 def our_logits(t, ids, mask, pos, pix, grids):
@@ -94,7 +82,7 @@ def our_logits(t, ids, mask, pos, pix, grids):
 
 def assert_close(ours, ref, mask):
     valid = mask.astype(bool)
-    err = np.abs(ours - ref)[valid].max() / np.abs(ref[valid]).max()
+    err = rel_err(ours[valid], ref[valid])
     assert err <= 1e-4, f"relative error {err}"
     return err
 
@@ -113,7 +101,7 @@ def test_position_ids_match_transformers(tiny):
 def test_text_only_logits(tiny):
     rows = [[3, 17, 99, 250, 7, 8, 9, 10, 11], [40, 41, 42, 43]]
     ids, mask, pos, _, pix, grids = make_inputs(rows, np.zeros((0, 3)))
-    ref = hf_logits(tiny["hf"], ids, mask, pos, pix, grids)
+    ref = hf_logits(tiny["hf"], ids, mask, pix, grids)
     assert_close(our_logits(tiny, ids, mask, pos, pix, grids), ref, mask)
 
 
@@ -122,7 +110,7 @@ def test_one_image_logits(tiny):
     windows = vision_inputs([grid], tiny["config"].vision)["window_segments"]
     assert len(np.unique(windows)) == 6  # window attention really partitions this image
     ids, mask, pos, _, pix, grids = make_inputs([[5, 6] + image_tokens(grid) + [7, 8, 9]], [grid])
-    ref = hf_logits(tiny["hf"], ids, mask, pos, pix, grids)
+    ref = hf_logits(tiny["hf"], ids, mask, pix, grids)
     assert_close(our_logits(tiny, ids, mask, pos, pix, grids), ref, mask)
 
 
@@ -130,7 +118,7 @@ def test_two_images_of_different_sizes_logits(tiny):
     g1, g2 = (1, 8, 12), (1, 6, 10)
     rows = [[5] + image_tokens(g1) + [7, 8] + image_tokens(g2) + [9, 10, 11]]
     ids, mask, pos, _, pix, grids = make_inputs(rows, [g1, g2], seed=1)
-    ref = hf_logits(tiny["hf"], ids, mask, pos, pix, grids)
+    ref = hf_logits(tiny["hf"], ids, mask, pix, grids)
     assert_close(our_logits(tiny, ids, mask, pos, pix, grids), ref, mask)
 
 
@@ -157,7 +145,7 @@ def test_tied_embeddings(tmp_path):
     config, module, params = load_qwen_vl(folder, dtype=jnp.float32)
     assert config.tie_word_embeddings and "lm_head" not in params
     ids, mask, pos, _, pix, grids = make_inputs([[3, 4, 5, 6, 7], [8, 9]], np.zeros((0, 3)))
-    ref = hf_logits(hf, ids, mask, pos, pix, grids)
+    ref = hf_logits(hf, ids, mask, pix, grids)
     t = {"module": module, "params": params, "config": config}
     assert_close(our_logits(t, ids, mask, pos, pix, grids), ref, mask)
 
@@ -191,32 +179,15 @@ def test_both_layouts_load_with_shards(tiny, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, params, tiny["params"])
 
 
-def write_variant(tiny, folder, edit):
-    state = load_safetensors_folder(tiny["folder"])
-    edit(state)
-    os.makedirs(folder, exist_ok=True)
-    save_safetensors(state, os.path.join(folder, "model.safetensors"))
-    with open(os.path.join(tiny["folder"], "config.json")) as f:
-        config = f.read()
-    with open(os.path.join(folder, "config.json"), "w") as f:
-        f.write(config)
-    return str(folder)
+@pytest.mark.parametrize("case", STRICT_KEY_CASES)
+def test_missing_surplus_misshaped_keys(tiny, tmp_path, case):
+    check_strict_key_case(case, tiny["folder"], str(tmp_path / case), load_qwen_vl,
+                          missing="model.layers.1.self_attn.k_proj.bias",
+                          surplus=("visual.blocks.9.norm1.weight", np.ones(32, np.float32)),
+                          misshaped=("visual.merger.mlp.2.weight", np.ones((64, 64), np.float32)))
 
 
-def test_missing_surplus_misshaped_keys(tiny, tmp_path):
-    key = "model.layers.1.self_attn.k_proj.bias"
-    missing = write_variant(tiny, tmp_path / "missing", lambda s: s.pop(key))
-    with pytest.raises(WeightsError, match=f"missing key {re.escape(key)}"):
-        load_qwen_vl(missing)
-    surplus = write_variant(tiny, tmp_path / "surplus",
-                            lambda s: s.__setitem__("visual.blocks.9.norm1.weight", np.ones(32, np.float32)))
-    with pytest.raises(WeightsError, match=r"unexpected key visual\.blocks\.9\.norm1\.weight"):
-        load_qwen_vl(surplus)
-    shaped = "visual.merger.mlp.2.weight"
-    misshaped = write_variant(tiny, tmp_path / "misshaped",
-                              lambda s: s.__setitem__(shaped, np.ones((64, 64), np.float32)))
-    with pytest.raises(WeightsError, match=f"key {re.escape(shaped)} has shape"):
-        load_qwen_vl(misshaped)
+def test_missing_folder_is_named(tmp_path):
     with pytest.raises(WeightsError, match="folder not found"):
         load_qwen_vl(str(tmp_path / "absent"))
 
@@ -245,9 +216,9 @@ def test_save_in_hf5_layout_reads_back_in_transformers(tiny, tmp_path):
     save_qwen_vl(folder, config_json, tiny["params"], layout="hf5")
     assert "model.language_model.norm.weight" in load_safetensors_folder(folder)
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
-    ids, mask, pos, _, pix, grids = make_inputs([[5] + image_tokens((1, 4, 4)) + [6]], [(1, 4, 4)])
-    np.testing.assert_allclose(hf_logits(hf, ids, mask, pos, pix, grids),
-                               hf_logits(tiny["hf"], ids, mask, pos, pix, grids), rtol=1e-6, atol=1e-6)
+    ids, mask, _, _, pix, grids = make_inputs([[5] + image_tokens((1, 4, 4)) + [6]], [(1, 4, 4)])
+    np.testing.assert_allclose(hf_logits(hf, ids, mask, pix, grids),
+                               hf_logits(tiny["hf"], ids, mask, pix, grids), rtol=1e-6, atol=1e-6)
 
 
 def test_config_from_hf_forms_and_errors(tiny):

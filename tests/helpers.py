@@ -1,0 +1,134 @@
+"""What the per-model tests share: the relative error, weight perturbation, the strict-loading
+key cases (missing / surplus / mis-shaped) and the tiny random Qwen2.5-VL."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+# Qwen2.5-VL special-token ids of the tiny VLM (vocabulary 512).
+IMAGE, VIDEO, START, END = 500, 501, 502, 503
+PATCH_DIM = 3 * 2 * 14 * 14   # channels x temporal patch x 14 x 14
+
+
+def rel_err(got, want) -> float:
+    """max |got - want| / max |want| in float64."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-12))
+
+
+def perturb(model, scale: float):
+    """Moves every parameter of a torch module (biases and norm scales included) off its
+    initial value, in place, from torch's global generator: zeros and ones would hide a dropped
+    bias or an ignored norm scale. Returns the module."""
+    import torch
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return model
+
+
+def left_pad(rows: list[list[int]], dtype=np.int64) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, attention mask) of token rows, left-padded with 0 to the longest."""
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), dtype)
+    mask = np.zeros((len(rows), length), dtype)
+    for i, r in enumerate(rows):
+        ids[i, length - len(r):] = r
+        mask[i, length - len(r):] = 1
+    return ids, mask
+
+
+# ---- strict loading: a file key missing, one too many, one of the wrong shape -----------------
+
+STRICT_KEY_CASES = ("missing", "surplus", "misshaped")
+
+
+def write_weights_variant(source: str, folder: str, edit: Callable[[dict], None]) -> str:
+    """Copies the weights folder `source` to `folder` and applies `edit` to the state dict of its
+    one safetensors file."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(source, folder)
+    files = [f for f in os.listdir(folder) if f.endswith(".safetensors")]
+    assert len(files) == 1, files
+    path = os.path.join(folder, files[0])
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+    return str(folder)
+
+
+def check_strict_key_case(case: str, source: str, folder: str, load: Callable[[str], object], *,
+                          missing: str, surplus: tuple[str, np.ndarray],
+                          misshaped: tuple[str, np.ndarray]) -> None:
+    """Loading a copy of `source` with the `case` defect raises a WeightsError naming the key
+    (and, for a mis-shaped one, the shape found)."""
+    from rig_jax.errors import WeightsError
+
+    if case == "missing":
+        edit, pattern = (lambda s: s.pop(missing)), f"missing key {re.escape(missing)}$"
+    elif case == "surplus":
+        key, value = surplus
+        edit, pattern = (lambda s: s.__setitem__(key, value)), f"unexpected key {re.escape(key)}"
+    elif case == "misshaped":
+        key, value = misshaped
+        edit = lambda s: s.__setitem__(key, value)
+        pattern = f"key {re.escape(key)} has shape {re.escape(str(tuple(value.shape)))}"
+    else:
+        raise ValueError(case)
+    variant = write_weights_variant(source, folder, edit)
+    with pytest.raises(WeightsError, match=pattern):
+        load(variant)
+
+
+# ---- the tiny random Qwen2.5-VL --------------------------------------------------------------
+
+def tiny_qwen_vl_config(*, depth: int = 3, tie: bool = False, vocab_size: int = 512, image: int = IMAGE,
+                        video: int = VIDEO, start: int = START, end: int = END, **text):
+    """A 2-layer, 64-wide Qwen2.5-VL with a `depth`-block vision tower (block 1 full attention,
+    windows of 2x2 merged tokens); `text` overrides text_config fields."""
+    from transformers import Qwen2_5_VLConfig
+
+    text_config = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                       rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                        "mrope_section": [2, 3, 3]},
+                       initializer_range=0.1, eos_token_id=None, bos_token_id=None)
+    text_config.update(text)
+    return Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=dict(depth=depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
+                           fullatt_block_indexes=[1], initializer_range=0.1),
+        image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end,
+        tie_word_embeddings=tie)
+
+
+def save_tiny_qwen_vl(folder: str, config, seed: int = 0, scale: float = 0.05):
+    """A seeded random `Qwen2_5_VLForConditionalGeneration` with every weight perturbed (biases
+    and RMSNorm scales included), saved with `save_pretrained`; returns the torch model."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = perturb(Qwen2_5_VLForConditionalGeneration(config).eval(), scale)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_rope_positions(hf, ids: np.ndarray, mask: np.ndarray, grids: np.ndarray, image_token_id: int = IMAGE):
+    """transformers' own M-RoPE positions (3, B, L) for a batch: `get_rope_index` with the image
+    tokens marked, so parity tests never hand rig_jax's positions to the reference."""
+    import torch
+
+    grids = np.asarray(grids, np.int64).reshape(-1, 3)
+    positions, _ = hf.model.get_rope_index(
+        torch.tensor(ids).long(), torch.tensor((np.asarray(ids) == image_token_id).astype(np.int64)),
+        image_grid_thw=torch.tensor(grids) if len(grids) else None, attention_mask=torch.tensor(mask).long())
+    return positions
