@@ -145,15 +145,13 @@ CHAT_TEMPLATE = (
 
 @pytest.fixture(scope="module")
 def tiny_vlm_folder(tmp_path_factory):
-    """A tiny random Qwen2.5-VL with a tokenizer and image processor config, in one HF folder."""
-    torch = pytest.importorskip("torch")
+    """A tiny random Qwen2.5-VL (every weight perturbed) with a tokenizer and image processor
+    config, in one HF folder."""
+    pytest.importorskip("torch")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import (
-        PreTrainedTokenizerFast,
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2VLImageProcessorPil,
-    )
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+    from tests.helpers import save_tiny_qwen_vl, tiny_qwen_vl_config
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -166,21 +164,11 @@ def tiny_vlm_folder(tmp_path_factory):
     fast.save_pretrained(folder)
     Qwen2VLImageProcessorPil(max_pixels=28 * 28 * 16).save_pretrained(folder)
     ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL}
-    cfg = Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
-                                          "mrope_section": [2, 3, 3]},
-                         initializer_range=0.2, eos_token_id=ids["<|im_end|>"], bos_token_id=None,
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=56, out_hidden_size=64,
-                           fullatt_block_indexes=[1], initializer_range=0.1),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
-    model.save_pretrained(folder)
+    cfg = tiny_qwen_vl_config(
+        depth=2, vocab_size=len(fast), image=ids["<|image_pad|>"], video=ids["<|video_pad|>"],
+        start=ids["<|vision_start|>"], end=ids["<|vision_end|>"], initializer_range=0.2,
+        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
+    model = save_tiny_qwen_vl(str(folder), cfg, seed=0)
     return str(folder), model, fast
 
 
