@@ -11,8 +11,9 @@ import torch
 from diffusers import DDIMScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from rig_jax.diffusion import sample
-from rig_jax.weights.unet_keys import load_unet
+from configs import common
+from rig_jax.diffusion import EditSettings, SamplerSettings, sample
+from rig_jax.weights.unet import load_unet
 
 LATENT_SHAPE = (2, 8, 8, 4)     # NHWC
 CONTEXT_LEN, CONTEXT_DIM = 5, 16
@@ -65,6 +66,35 @@ def torch_unet_fn(unet):
             out = unet(x.permute(0, 3, 1, 2), t, encoder_hidden_states=context).sample
         return out.permute(0, 2, 3, 1)
     return model_fn
+
+
+def sampler_settings(**fields) -> SamplerSettings:
+    """configs/common.py's sampler section with `fields` replaced (num_steps, guidance_scale, ...)."""
+    section = common.sampler()
+    section.update(fields)
+    return SamplerSettings.from_config(section)
+
+
+# The editor's former keyword names -> their config fields.
+_EDIT_FIELDS = {
+    "strength": "strength", "num_steps": "sampler.num_steps", "guidance_scale": "sampler.guidance_scale",
+    "eta": "sampler.eta", "guidance_rescale": "sampler.guidance_rescale",
+    "inversion_guidance": "inversion.guidance_scale",
+    "fixed_point_iterations": "inversion.fixed_point_iterations",
+    "null_text": "null_text.enabled", "null_text_inner_steps": "null_text.inner_steps",
+    "null_text_learning_rate": "null_text.learning_rate"}
+
+
+def edit_settings(**fields) -> EditSettings:
+    """configs/common.py's editor section with `fields` (the editor's keyword names) replaced."""
+    section = common.editor()
+    for name, value in fields.items():
+        *parents, leaf = _EDIT_FIELDS[name].split(".")
+        node = section
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return EditSettings.from_config(section)
 
 
 @functools.cache

@@ -23,6 +23,7 @@ from tests.diffusion_helpers import (
     LATENT_SHAPE,
     SD_SCHEDULER,
     StandInDenoiser,
+    edit_settings,
     jax_model_fn,
     make_tiny_unet,
     rel_err,
@@ -65,9 +66,12 @@ def jitted(denoise_fn):
                         static_argnames=("num_steps", "start_step", "num_inner_steps"))
     run = jax.jit(functools.partial(sample, denoise_fn),
                   static_argnames=("num_steps", "start_step", "eta", "return_trajectory"))
-    edit = jax.jit(functools.partial(edit_latents, denoise_fn),
-                   static_argnames=("num_steps", "strength", "eta", "null_text", "return_trajectory",
-                                    "fixed_point_iterations"))
+    edit_jit = jax.jit(functools.partial(edit_latents, denoise_fn),
+                       static_argnames=("settings", "return_trajectory"))
+
+    def edit(*args, rng=None, return_trajectory=False, **fields):
+        return edit_jit(*args, settings=edit_settings(**fields), rng=rng, return_trajectory=return_trajectory)
+
     return invert, null_text, run, edit
 
 
@@ -263,7 +267,7 @@ def test_null_text_edit_replays_the_tuned_embeddings(stand_in, inputs, schedule)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-# ---- acceptance on a real tiny U-Net (diffusers weights through rig_jax.weights.unet_keys.load_unet) ----
+# ---- acceptance on a real tiny U-Net (diffusers weights through rig_jax.weights.unet.load_unet) ----
 
 def test_unet_inversion_then_sampling_reconstructs(tiny_unet, inputs, schedule):
     """50-step inversion, then guidance-1 sampling, gives the latents back (fixed-point inversion)."""

@@ -16,7 +16,6 @@ from rig_jax.diffusion import edit_latents
 from rig_jax.errors import ConfigError, RigError, WeightsError
 from rig_jax.rig import diffuser
 from rig_jax.rig.editor import edit, edit_condition_text
-from rig_jax.weights.orbax_store import load_metadata, save_checkpoint
 from rig_jax.weights.diffusers_pipeline import (
     load_any_pipeline,
     load_pipeline,
@@ -25,6 +24,8 @@ from rig_jax.weights.diffusers_pipeline import (
     save_pipeline_checkpoint,
 )
 from rig_jax.weights.mapping import flatten
+from rig_jax.weights.orbax_store import load_metadata, save_checkpoint
+from tests.diffusion_helpers import edit_settings, sampler_settings
 from tests.sd_fixtures import SCHEDULER_KWARGS, shared_tiny_sd_folder, single_threaded_torch
 
 diffusers = pytest.importorskip("diffusers")
@@ -32,6 +33,7 @@ diffusers = pytest.importorskip("diffusers")
 TOLERANCE = 1e-4
 PROMPTS = ["a red cube left of a blue ball", "two cats on a sofa"]
 LONG_PROMPT = "a very long prompt that the tokenizer has to cut " * 3   # > 77 character tokens
+TEN_STEPS = sampler_settings(num_steps=10, guidance_scale=7.5)
 
 
 def rel_err(ours, ref) -> float:
@@ -121,8 +123,8 @@ def test_penultimate_layer_matches_clip_skip(tiny_sd):
 def test_guided_generation_matches_diffusers(tiny_sd, loaded, start_latents):
     pipe, params = loaded
     _, ref = tiny_sd
-    images, latents = diffuser.generate(pipe, params, PROMPTS, init_latents=start_latents, num_steps=10,
-                                        guidance_scale=7.5, return_latents=True)
+    images, latents = diffuser.generate(pipe, params, PROMPTS, TEN_STEPS, init_latents=start_latents,
+                                        return_latents=True)
     ref_latents = reference_generate(ref, PROMPTS, start_latents, "latent")
     ref_images = reference_generate(ref, PROMPTS, start_latents, "np")
     assert images.shape == (2, 16, 16, 3) and images.dtype == jnp.float32
@@ -135,9 +137,9 @@ def test_guided_generation_matches_diffusers(tiny_sd, loaded, start_latents):
 
 def test_generation_from_rng_is_deterministic(loaded):
     pipe, params = loaded
-    first = diffuser.generate(pipe, params, PROMPTS, rng=jax.random.key(7), num_steps=10, guidance_scale=7.5)
-    again = diffuser.generate(pipe, params, PROMPTS, rng=jax.random.key(7), num_steps=10, guidance_scale=7.5)
-    other = diffuser.generate(pipe, params, PROMPTS, rng=jax.random.key(8), num_steps=10, guidance_scale=7.5)
+    first = diffuser.generate(pipe, params, PROMPTS, TEN_STEPS, rng=jax.random.key(7))
+    again = diffuser.generate(pipe, params, PROMPTS, TEN_STEPS, rng=jax.random.key(7))
+    other = diffuser.generate(pipe, params, PROMPTS, TEN_STEPS, rng=jax.random.key(8))
     np.testing.assert_array_equal(np.asarray(first), np.asarray(again))
     assert np.abs(np.asarray(first) - np.asarray(other)).max() > 1e-3
     assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
@@ -146,13 +148,14 @@ def test_generation_from_rng_is_deterministic(loaded):
 def test_generation_input_errors(loaded, start_latents):
     pipe, params = loaded
     with pytest.raises(RigError, match="rng"):
-        diffuser.generate(pipe, params, PROMPTS, num_steps=10)
+        diffuser.generate(pipe, params, PROMPTS, TEN_STEPS)
     with pytest.raises(RigError, match="init_latents"):
-        diffuser.generate(pipe, params, PROMPTS, init_latents=start_latents[:1], num_steps=10)
+        diffuser.generate(pipe, params, PROMPTS, TEN_STEPS, init_latents=start_latents[:1])
     with pytest.raises(RigError, match="eta > 0"):
-        diffuser.generate(pipe, params, PROMPTS, init_latents=start_latents, num_steps=10, eta=1.0)
+        diffuser.generate(pipe, params, PROMPTS, sampler_settings(num_steps=10, eta=1.0),
+                          init_latents=start_latents)
     with pytest.raises(ConfigError, match="height"):
-        diffuser.generate(pipe, params, PROMPTS, rng=jax.random.key(0), height=15, num_steps=10)
+        diffuser.generate(pipe, params, PROMPTS, TEN_STEPS, rng=jax.random.key(0), height=15)
 
 
 def _same_state(a: torch.nn.Module, b: torch.nn.Module) -> None:
@@ -208,8 +211,8 @@ def test_pipeline_checkpoint_round_trip(loaded, tmp_path):
 
 def test_edit_at_strength_zero_is_the_vae_round_trip(loaded, test_images):
     pipe, params = loaded
-    edited = edit(pipe, params, test_images, "make the cube green", PROMPTS, strength=0.0, num_steps=4,
-                  guidance_scale=7.5)
+    edited = edit(pipe, params, test_images, "make the cube green", PROMPTS,
+                  edit_settings(strength=0.0, num_steps=4, guidance_scale=7.5))
     round_trip = diffuser.decode_latents(pipe, params, diffuser.encode_images(pipe, params, test_images))
     assert edited.shape == test_images.shape
     np.testing.assert_allclose(np.asarray(edited), np.asarray(round_trip), atol=1e-5)
@@ -227,7 +230,7 @@ def test_encode_images_samples_with_rng(loaded, test_images):
 
 def test_stochastic_edit_is_the_latent_editor_with_text_and_vae(loaded, test_images):
     pipe, params = loaded
-    kwargs = dict(strength=0.5, num_steps=4, guidance_scale=5.0, eta=1.0)
+    kwargs = dict(settings=edit_settings(strength=0.5, num_steps=4, guidance_scale=5.0, eta=1.0))
     edit_prompts = ["make the cube green", "add a hat"]
     first = edit(pipe, params, test_images, edit_prompts, PROMPTS, rng=jax.random.key(0), **kwargs)
     again = edit(pipe, params, test_images, edit_prompts, PROMPTS, rng=jax.random.key(0), **kwargs)
@@ -243,10 +246,9 @@ def test_stochastic_edit_is_the_latent_editor_with_text_and_vae(loaded, test_ima
     edit_cond = diffuser.encode_prompts(pipe, params, [edit_condition_text(p, e)
                                                        for p, e in zip(PROMPTS, edit_prompts, strict=True)])
     uncond = diffuser.encode_prompts(pipe, params, [""])
-    by_hand = jax.jit(functools.partial(edit_latents, diffuser.unet_denoiser(pipe), num_steps=4, strength=0.5,
-                                        eta=1.0))(params["unet"], latents, prompt_cond, edit_cond, uncond,
-                                                  schedule=pipe.schedule, guidance_scale=5.0,
-                                                  rng=jax.random.key(0))
+    by_hand = jax.jit(functools.partial(edit_latents, diffuser.unet_denoiser(pipe), **kwargs))(
+        params["unet"], latents, prompt_cond, edit_cond, uncond, schedule=pipe.schedule,
+        rng=jax.random.key(0))
     expected = diffuser.decode_latents(pipe, params, by_hand)
     np.testing.assert_allclose(np.asarray(first), np.asarray(expected), atol=1e-5)
     assert edit_condition_text("P", "e") == "P. e"

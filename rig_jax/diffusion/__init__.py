@@ -17,12 +17,17 @@ from rig_jax.diffusion.schedulers import (
     ddim_timesteps,
     gaussian_log_prob,
 )
+from rig_jax.diffusion.settings import EditSettings, InversionSettings, NullTextSettings, SamplerSettings
 
 __all__ = [
     "DDIMSchedule",
+    "EditSettings",
     "EditStart",
     "Inversion",
+    "InversionSettings",
     "NullText",
+    "NullTextSettings",
+    "SamplerSettings",
     "Trajectory",
     "add_noise",
     "combine_guidance",

@@ -15,6 +15,7 @@ import jax
 from rig_jax.diffusion.inversion import ddim_invert, null_text_invert
 from rig_jax.diffusion.sampler import DenoiseFn, Trajectory, sample
 from rig_jax.diffusion.schedulers import DDIMSchedule
+from rig_jax.diffusion.settings import EditSettings
 from rig_jax.errors import ConfigError
 
 
@@ -37,65 +38,56 @@ def edit_start_step(num_steps: int, strength: float) -> int:
 
 
 def invert_for_edit(denoise_fn: DenoiseFn, params: Any, latents: jax.Array, prompt_cond: jax.Array,
-                    uncond: jax.Array | None, schedule: DDIMSchedule, num_steps: int, strength: float,
-                    guidance_scale: float | jax.Array, inversion_guidance: float | jax.Array = 1.0,
-                    null_text: bool = False, null_text_inner_steps: int = 10,
-                    null_text_learning_rate: float = 1e-2, fixed_point_iterations: int = 0,
-                    guidance_rescale: float | jax.Array = 0.0) -> EditStart:
+                    uncond: jax.Array | None, schedule: DDIMSchedule, settings: EditSettings) -> EditStart:
     """The deterministic half of an edit: DDIM inversion to t_s under the prompt, plus the
     optional Null-text tuning of the unconditional embedding (under the prompt, at the edit
-    guidance `guidance_scale`, so a replay with the prompt would reconstruct the input).
-    `fixed_point_iterations > 0` refines each inversion step (see `ddim_invert`).
+    guidance `settings.sampler.guidance_scale`, so a replay with the prompt would reconstruct
+    the input). `settings.inversion.fixed_point_iterations > 0` refines each inversion step.
 
     Stage-2 rollouts call this once per prompt and re-denoise the same start G times.
     """
-    start_step = edit_start_step(num_steps, strength)
-    inversion = ddim_invert(denoise_fn, params, latents, prompt_cond, uncond, schedule, num_steps,
-                            guidance_scale=inversion_guidance, start_step=start_step,
-                            fixed_point_iterations=fixed_point_iterations)
-    if not null_text or start_step == num_steps:
+    sampler, null_text = settings.sampler, settings.null_text
+    start_step = edit_start_step(sampler.num_steps, settings.strength)
+    inversion = ddim_invert(denoise_fn, params, latents, prompt_cond, uncond, schedule, sampler.num_steps,
+                            guidance_scale=settings.inversion.guidance_scale, start_step=start_step,
+                            fixed_point_iterations=settings.inversion.fixed_point_iterations)
+    if not null_text.enabled or start_step == sampler.num_steps:
         return EditStart(inversion.latents, uncond)
     if uncond is None:
-        raise ConfigError("null_text=True needs an unconditional embedding (uncond)")
+        raise ConfigError("null_text.enabled needs an unconditional embedding (uncond)")
     tuned = null_text_invert(denoise_fn, params, inversion.trajectory, prompt_cond, uncond, schedule,
-                             num_steps, guidance_scale=guidance_scale, start_step=start_step,
-                             num_inner_steps=null_text_inner_steps, learning_rate=null_text_learning_rate,
-                             guidance_rescale=guidance_rescale)
+                             sampler.num_steps, guidance_scale=sampler.guidance_scale, start_step=start_step,
+                             num_inner_steps=null_text.inner_steps, learning_rate=null_text.learning_rate,
+                             early_stop_epsilon=null_text.early_stop_epsilon,
+                             early_stop_slope=null_text.early_stop_slope,
+                             guidance_rescale=sampler.guidance_rescale)
     return EditStart(inversion.latents, tuned.uncond_embeddings)
 
 
 def denoise_edit(denoise_fn: DenoiseFn, params: Any, start: EditStart, edit_cond: jax.Array,
-                 schedule: DDIMSchedule, num_steps: int, strength: float, guidance_scale: float | jax.Array,
-                 eta: float | jax.Array = 0.0, rng: jax.Array | None = None, return_trajectory: bool = False,
-                 guidance_rescale: float | jax.Array = 0.0) -> jax.Array | tuple[jax.Array, Trajectory]:
+                 schedule: DDIMSchedule, settings: EditSettings, rng: jax.Array | None = None,
+                 return_trajectory: bool = False) -> jax.Array | tuple[jax.Array, Trajectory]:
     """The generative half of an edit: guided DDIM from t_s under the edit embedding (eta > 0 is
     the stage-2 Gaussian policy; `return_trajectory` records its steps)."""
-    return sample(denoise_fn, params, start.latents, edit_cond, start.uncond, schedule, num_steps,
-                  guidance_scale, guidance_rescale=guidance_rescale, eta=eta, rng=rng,
-                  return_trajectory=return_trajectory, start_step=edit_start_step(num_steps, strength))
+    sampler = settings.sampler
+    return sample(denoise_fn, params, start.latents, edit_cond, start.uncond, schedule, sampler.num_steps,
+                  sampler.guidance_scale, guidance_rescale=sampler.guidance_rescale, eta=sampler.eta, rng=rng,
+                  return_trajectory=return_trajectory,
+                  start_step=edit_start_step(sampler.num_steps, settings.strength))
 
 
 def edit_latents(denoise_fn: DenoiseFn, params: Any, latents: jax.Array, prompt_cond: jax.Array,
-                 edit_cond: jax.Array, uncond: jax.Array | None, schedule: DDIMSchedule, num_steps: int,
-                 strength: float, guidance_scale: float | jax.Array,
-                 inversion_guidance: float | jax.Array = 1.0, eta: float | jax.Array = 0.0,
-                 rng: jax.Array | None = None, null_text: bool = False, return_trajectory: bool = False,
-                 null_text_inner_steps: int = 10, null_text_learning_rate: float = 1e-2,
-                 fixed_point_iterations: int = 0, guidance_rescale: float | jax.Array = 0.0
+                 edit_cond: jax.Array, uncond: jax.Array | None, schedule: DDIMSchedule,
+                 settings: EditSettings, rng: jax.Array | None = None, return_trajectory: bool = False
                  ) -> jax.Array | tuple[jax.Array, Trajectory]:
     """I_{k+1} latents from I_k latents: invert under `prompt_cond` (guidance
-    `inversion_guidance`) to t_s, then denoise under `edit_cond` (guidance `guidance_scale`).
+    `settings.inversion.guidance_scale`) to t_s, then denoise under `edit_cond` (guidance
+    `settings.sampler.guidance_scale`).
 
-    `num_steps`, `strength` and the loop counts are static (they fix the scan lengths); jit
-    with `static_argnames=("num_steps", "strength", "null_text", "return_trajectory",
-    "null_text_inner_steps", "fixed_point_iterations")` and the denoiser bound by
+    `settings` fixes the scan lengths and loop counts: jit with
+    `static_argnames=("settings", "return_trajectory")` and the denoiser bound by
     `functools.partial`.
     """
-    start = invert_for_edit(denoise_fn, params, latents, prompt_cond, uncond, schedule, num_steps, strength,
-                            guidance_scale, inversion_guidance=inversion_guidance, null_text=null_text,
-                            null_text_inner_steps=null_text_inner_steps,
-                            null_text_learning_rate=null_text_learning_rate,
-                            fixed_point_iterations=fixed_point_iterations, guidance_rescale=guidance_rescale)
-    return denoise_edit(denoise_fn, params, start, edit_cond, schedule, num_steps, strength, guidance_scale,
-                        eta=eta, rng=rng, return_trajectory=return_trajectory,
-                        guidance_rescale=guidance_rescale)
+    start = invert_for_edit(denoise_fn, params, latents, prompt_cond, uncond, schedule, settings)
+    return denoise_edit(denoise_fn, params, start, edit_cond, schedule, settings, rng=rng,
+                        return_trajectory=return_trajectory)

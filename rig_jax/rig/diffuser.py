@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.diffusion.sampler import sample
+from rig_jax.diffusion.settings import SamplerSettings
 from rig_jax.errors import ConfigError, RigError
 from rig_jax.models.clip_text import CLIPTextModel
 from rig_jax.models.vae import AutoencoderKL, sample_latent
@@ -116,15 +117,15 @@ def unet_denoiser(pipe: SDPipeline):
     return denoise
 
 
-def _generate_core(pipe: SDPipeline, num_steps: int, eta: float, params: Any, ids: jax.Array,
+def _generate_core(pipe: SDPipeline, settings: SamplerSettings, params: Any, ids: jax.Array,
                    mask: jax.Array, uncond_ids: jax.Array | None, uncond_mask: jax.Array | None,
-                   latents: jax.Array, guidance_scale: jax.Array, rng: jax.Array | None
-                   ) -> tuple[jax.Array, jax.Array]:
+                   latents: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
     cond = text_embeddings(pipe, params["text_encoder"], ids, mask)
     uncond = None if uncond_ids is None else text_embeddings(pipe, params["text_encoder"], uncond_ids,
                                                             uncond_mask)
-    final = sample(unet_denoiser(pipe), params["unet"], latents, cond, uncond, pipe.schedule, num_steps,
-                   guidance_scale, eta=eta, rng=rng)
+    final = sample(unet_denoiser(pipe), params["unet"], latents, cond, uncond, pipe.schedule,
+                   settings.num_steps, settings.guidance_scale, guidance_rescale=settings.guidance_rescale,
+                   eta=settings.eta, rng=rng)
     return latents_to_images(pipe, params["vae"], final), final
 
 
@@ -140,22 +141,22 @@ def latent_shape(pipe: SDPipeline, batch: int, height: int | None, width: int | 
     return batch, height // factor, width // factor, pipe.latent_channels
 
 
-def generate(pipe: SDPipeline, params: Any, prompts: str | Sequence[str], rng: jax.Array | None = None,
-             init_latents: jax.Array | None = None, num_steps: int = 50, guidance_scale: float = 7.5,
-             eta: float = 0.0, height: int | None = None, width: int | None = None,
-             return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+def generate(pipe: SDPipeline, params: Any, prompts: str | Sequence[str], settings: SamplerSettings,
+             rng: jax.Array | None = None, init_latents: jax.Array | None = None, height: int | None = None,
+             width: int | None = None, return_latents: bool = False
+             ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """I_0 = D(P): guided DDIM text-to-image, images float32 NHWC in [0, 1].
 
     The starting noise is `init_latents` (B, h, w, C) when given (exact reproduction; it is
-    used as is, DDIM's initial noise sigma being 1), else drawn from `rng`. With `eta > 0`
-    the per-step noise comes from `rng` too. `guidance_scale` 1 skips the unconditional
-    half. `return_latents=True` also returns the final scaled latents. Put `params` on the
-    device once (`jax.device_put`) before calling in a loop: host arrays are copied per call.
+    used as is, DDIM's initial noise sigma being 1), else drawn from `rng`. With `settings.eta
+    > 0` the per-step noise comes from `rng` too. A guidance scale of 1 skips the
+    unconditional half. `return_latents=True` also returns the final scaled latents. One
+    program is compiled per pipeline, settings and input shape. Put `params` on the devices
+    once (the loaders place them) before calling in a loop: host arrays are copied per call.
     """
     prompts = as_texts(prompts, "prompts")
-    eta = float(eta)
-    if eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {eta}")
+    if not isinstance(settings, SamplerSettings):
+        raise ConfigError(f"generate: settings must be a SamplerSettings, got {type(settings).__name__}")
     noise_rng = step_rng = None
     if rng is not None:
         noise_rng, step_rng = jax.random.split(rng)
@@ -169,13 +170,13 @@ def generate(pipe: SDPipeline, params: Any, prompts: str | Sequence[str], rng: j
             raise RigError(f"init_latents: batch {np.shape(init_latents)[0]} differs from "
                            f"{len(prompts)} prompts")
         latents = jnp.asarray(init_latents, jnp.float32)
-    if eta > 0 and step_rng is None:
+    if settings.eta > 0 and step_rng is None:
         raise RigError("generate: eta > 0 needs `rng` for the per-step noise")
     ids, mask = tokenize(pipe, prompts)
-    guided = float(guidance_scale) != 1.0
+    guided = settings.guidance_scale != 1.0
     uncond_ids, uncond_mask = tokenize(pipe, [UNCONDITIONAL_PROMPT]) if guided else (None, None)
-    run = pipe.cached(("generate", num_steps, eta), lambda: jax.jit(
-        functools.partial(_generate_core, pipe, num_steps, eta)))
+    run = pipe.cached(("generate", settings), lambda: jax.jit(
+        functools.partial(_generate_core, pipe, settings)))
     images, final = run(params, ids, mask, uncond_ids, uncond_mask, latents,
-                        jnp.asarray(guidance_scale, jnp.float32), step_rng if eta > 0 else None)
+                        step_rng if settings.eta > 0 else None)
     return (images, final) if return_latents else images

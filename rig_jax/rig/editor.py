@@ -1,9 +1,9 @@
 """The Inverse Diffuser E (Image Editor) of docs/method.md, on images.
 
 `I_{k+1} = E(I_k, e_k, P)`: VAE-encode `I_k` (posterior mean), invert with deterministic
-DDIM under the embedding of `P` up to t_s = strength * T (guidance `inversion_guidance`,
+DDIM under the embedding of `P` up to t_s = strength * T (`EditSettings.inversion`,
 optionally Null-text tuning of the unconditional embedding), re-denoise from t_s under
-the embedding of `P + ". " + e_k` with guidance `guidance_scale` (eta > 0: the stage-2
+the embedding of `P + ". " + e_k` with `EditSettings.sampler` (eta > 0: the stage-2
 Gaussian policy, noise from `rng`), and decode. The latent-space work is
 `rig_jax.diffusion.edit_latents`; this module adds the text and the VAE around it.
 """
@@ -16,7 +16,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rig_jax.diffusion.edit import edit_latents, edit_start_step
+from rig_jax.diffusion.edit import edit_latents
+from rig_jax.diffusion.settings import EditSettings
 from rig_jax.errors import ConfigError, RigError
 from rig_jax.rig.diffuser import (
     UNCONDITIONAL_PROMPT,
@@ -38,10 +39,9 @@ def edit_condition_text(prompt: str, edit_prompt: str) -> str:
     return prompt + EDIT_SEPARATOR + edit_prompt
 
 
-def _edit_core(pipe: SDPipeline, num_steps: int, strength: float, eta: float, inversion_guidance: float,
-               null_text: bool, params: Any, images: jax.Array, prompt_ids: jax.Array,
-               prompt_mask: jax.Array, edit_ids: jax.Array, edit_mask: jax.Array, uncond_ids: jax.Array,
-               uncond_mask: jax.Array, guidance_scale: jax.Array, rng: jax.Array | None
+def _edit_core(pipe: SDPipeline, settings: EditSettings, params: Any, images: jax.Array,
+               prompt_ids: jax.Array, prompt_mask: jax.Array, edit_ids: jax.Array, edit_mask: jax.Array,
+               uncond_ids: jax.Array, uncond_mask: jax.Array, rng: jax.Array | None
                ) -> tuple[jax.Array, jax.Array]:
     text = params["text_encoder"]
     prompt_cond = text_embeddings(pipe, text, prompt_ids, prompt_mask)
@@ -49,22 +49,23 @@ def _edit_core(pipe: SDPipeline, num_steps: int, strength: float, eta: float, in
     uncond = text_embeddings(pipe, text, uncond_ids, uncond_mask)   # (1, L, D), broadcast by the sampler
     latents = images_to_latents(pipe, params["vae"], images, None)
     edited = edit_latents(unet_denoiser(pipe), params["unet"], latents, prompt_cond, edit_cond, uncond,
-                          pipe.schedule, num_steps, strength, guidance_scale,
-                          inversion_guidance=inversion_guidance, eta=eta, rng=rng, null_text=null_text)
+                          pipe.schedule, settings, rng=rng)
     return latents_to_images(pipe, params["vae"], edited), edited
 
 
 def edit(pipe: SDPipeline, params: Any, images: jax.Array, edit_prompts: str | Sequence[str],
-         prompts: str | Sequence[str], strength: float, num_steps: int, guidance_scale: float,
-         inversion_guidance: float = 1.0, eta: float = 0.0, rng: jax.Array | None = None,
-         null_text: bool = False, return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
+         prompts: str | Sequence[str], settings: EditSettings, rng: jax.Array | None = None,
+         return_latents: bool = False) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Edited images float32 NHWC in [0, 1], one per input image.
 
     `images` (B, H, W, 3) in [0, 1]; `prompts` P and `edit_prompts` e_k, one each per image
-    (a single string is used for every image). `strength` in [0, 1]: 0 returns the VAE
-    round trip of the input, 1 regenerates from the fully inverted noise. `eta > 0` needs
-    `rng`. `return_latents=True` also returns the edited scaled latents.
+    (a single string is used for every image). `settings.strength` in [0, 1]: 0 returns the
+    VAE round trip of the input, 1 regenerates from the fully inverted noise. `eta > 0` needs
+    `rng`. `return_latents=True` also returns the edited scaled latents. One program is
+    compiled per pipeline, settings and input shape.
     """
+    if not isinstance(settings, EditSettings):
+        raise ConfigError(f"edit: settings must be an EditSettings, got {type(settings).__name__}")
     check_images(pipe, images)
     batch = images.shape[0]
 
@@ -78,21 +79,14 @@ def edit(pipe: SDPipeline, params: Any, images: jax.Array, edit_prompts: str | S
 
     prompts = per_image(prompts, "prompts")
     edit_prompts = per_image(edit_prompts, "edit_prompts")
-    eta = float(eta)
-    if eta < 0:
-        raise ConfigError(f"eta must be >= 0, got {eta}")
-    if eta > 0 and rng is None:
+    stochastic = settings.sampler.eta > 0
+    if stochastic and rng is None:
         raise RigError("edit: eta > 0 needs `rng` for the per-step noise")
-    strength = float(strength)
-    edit_start_step(num_steps, strength)   # checks strength and num_steps before anything compiles
     prompt_ids, prompt_mask = tokenize(pipe, prompts)
     edit_texts = [edit_condition_text(p, e) for p, e in zip(prompts, edit_prompts, strict=True)]
     edit_ids, edit_mask = tokenize(pipe, edit_texts)
     uncond_ids, uncond_mask = tokenize(pipe, [UNCONDITIONAL_PROMPT])
-    key = ("edit", num_steps, strength, eta, float(inversion_guidance), bool(null_text))
-    run = pipe.cached(key, lambda: jax.jit(functools.partial(
-        _edit_core, pipe, num_steps, strength, eta, float(inversion_guidance), bool(null_text))))
+    run = pipe.cached(("edit", settings), lambda: jax.jit(functools.partial(_edit_core, pipe, settings)))
     edited, latents = run(params, jnp.asarray(images, jnp.float32), prompt_ids, prompt_mask, edit_ids,
-                          edit_mask, uncond_ids, uncond_mask, jnp.asarray(guidance_scale, jnp.float32),
-                          rng if eta > 0 else None)
+                          edit_mask, uncond_ids, uncond_mask, rng if stochastic else None)
     return (edited, latents) if return_latents else edited
