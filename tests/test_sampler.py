@@ -64,17 +64,18 @@ def test_guided_sampling_equals_diffusers_loop(stand_in, inputs, schedule, guida
     assert rel_err(got, latents) > 0.1   # it did something
 
 
-def test_stochastic_trajectory_equals_diffusers_and_rescores(stand_in, inputs, schedule):
+@pytest.mark.parametrize("eta", [1.0, 0.5])   # 0 < eta < 1 tells eta^2 from eta
+def test_stochastic_trajectory_equals_diffusers_and_rescores(stand_in, inputs, schedule, eta):
     denoise_fn, params = stand_in
     latents, cond, uncond = inputs
     rng = jax.random.key(7)
     final, trajectory = jitted_sample(denoise_fn)(params, latents, cond, uncond, schedule, num_steps=8,
-                                                  guidance_scale=5.0, eta=1.0, rng=rng,
+                                                  guidance_scale=5.0, eta=eta, rng=rng,
                                                   return_trajectory=True)
     # The sampler draws step i's variance noise from split(rng, steps)[i].
     noises = [jax.random.normal(key, LATENT_SHAPE, jnp.float32) for key in jax.random.split(rng, 8)]
     want = diffusers_loop(jax_model_fn(denoise_fn, params), latents, cond, uncond, SD_SCHEDULER, 8, 5.0,
-                          eta=1.0, noises=noises)
+                          eta=eta, noises=noises)
     assert rel_err(final, want) < 1e-5
     assert trajectory.latents.shape == (8, *LATENT_SHAPE) and trajectory.log_probs.shape == (8, 2)
     np.testing.assert_array_equal(trajectory.latents[0], latents)
@@ -86,7 +87,7 @@ def test_stochastic_trajectory_equals_diffusers_and_rescores(stand_in, inputs, s
     for i in range(8):
         x_t, t, prev_t = trajectory.latents[i], trajectory.timesteps[i], trajectory.prev_timesteps[i]
         output = guided_model_output(denoise_fn, params, x_t, t, cond, uncond, 5.0)
-        _, log_prob, _, _ = ddim_step_with_logprob(schedule, output, t, prev_t, x_t, eta=1.0,
+        _, log_prob, _, _ = ddim_step_with_logprob(schedule, output, t, prev_t, x_t, eta=eta,
                                                    prev_sample=trajectory.next_latents[i])
         np.testing.assert_allclose(log_prob, trajectory.log_probs[i], rtol=1e-4, atol=1e-4)
 

@@ -18,6 +18,7 @@ from rig_jax.diffusion.schedulers import (
     gaussian_log_prob,
 )
 from rig_jax.errors import ConfigError, RigError
+from tests.helpers import rel_err
 
 BETA_SCHEDULES = [
     {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
@@ -39,11 +40,6 @@ SD15_PNDM = {
 
 def _pair(config: dict) -> tuple[DDIMSchedule, DDIMScheduler]:
     return DDIMSchedule.from_diffusers_config(config, "test"), DDIMScheduler.from_config(config)
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
 
 
 @jax.jit
@@ -128,11 +124,11 @@ def test_ddim_step_equals_diffusers(betas, spacing, prediction):
             got = _jit_step(schedule, jnp.asarray(model_output.numpy()), t, previous[i],
                             jnp.asarray(sample.numpy()), eta, jnp.asarray(noise.numpy()))
             assert got.dtype == jnp.float32
-            assert _rel(got, want.numpy()) < 2e-5, (i, t, eta)
+            assert rel_err(got, want.numpy()) < 2e-5, (i, t, eta)
     # A Python eta of 0 needs no noise and is the eta = 0 result.
     got = ddim_step(schedule, jnp.asarray(model_output.numpy()), t, previous[-1], jnp.asarray(sample.numpy()))
     want = reference.step(model_output, t, sample, eta=0.0).prev_sample
-    assert _rel(got, want.numpy()) < 2e-5
+    assert rel_err(got, want.numpy()) < 2e-5
 
 
 def test_ddim_step_needs_noise_source_when_stochastic():
@@ -155,8 +151,9 @@ def _numpy_log_prob(value, mean, std):
     return density.reshape(density.shape[0], -1).mean(axis=1)
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5])   # 0 < eta < 1 tells eta^2 from eta
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-def test_log_prob_equals_gaussian_density_and_torch_normal(prediction):
+def test_log_prob_equals_gaussian_density_and_torch_normal(prediction, eta):
     config = {**SD15_PNDM, "_class_name": "DDIMScheduler", "prediction_type": prediction}
     schedule, reference = _pair(config)
     reference.set_timesteps(10)
@@ -167,10 +164,13 @@ def test_log_prob_equals_gaussian_density_and_torch_normal(prediction):
         sample = rng.standard_normal(SHAPE).astype(np.float32)
         noise = rng.standard_normal(SHAPE).astype(np.float32)
         prev, log_prob, mean, std = ddim_step_with_logprob(schedule, model_output, t, previous[i], sample,
-                                                           eta=1.0, noise=noise)
-        want = reference.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), eta=1.0,
+                                                           eta=eta, noise=noise)
+        want = reference.step(torch.from_numpy(model_output), t, torch.from_numpy(sample), eta=eta,
                               variance_noise=torch.from_numpy(noise)).prev_sample
-        assert _rel(prev, want.numpy()) < 2e-5
+        assert rel_err(prev, want.numpy()) < 2e-5
+        # the policy's std is diffusers' eta * sqrt(variance) (its std_dev_t)
+        want_std = eta * float(reference._get_variance(t, int(previous[i]))) ** 0.5
+        np.testing.assert_allclose(np.max(std), want_std, rtol=1e-5)
         assert log_prob.shape == (SHAPE[0],) and log_prob.dtype == jnp.float32
         np.testing.assert_allclose(log_prob, _numpy_log_prob(prev, mean, std), rtol=1e-5, atol=1e-5)
         normal = torch.distributions.Normal(torch.from_numpy(np.array(mean)),
@@ -178,11 +178,11 @@ def test_log_prob_equals_gaussian_density_and_torch_normal(prediction):
         torch_lp = normal.log_prob(torch.from_numpy(np.array(prev))).mean(dim=(1, 2, 3)).numpy()
         np.testing.assert_allclose(log_prob, torch_lp, rtol=1e-5, atol=1e-5)
         # Scoring the sampled action gives the same log-prob as sampling it.
-        _, scored, _, _ = ddim_step_with_logprob(schedule, model_output, t, previous[i], sample, eta=1.0,
+        _, scored, _, _ = ddim_step_with_logprob(schedule, model_output, t, previous[i], sample, eta=eta,
                                                  prev_sample=prev)
         np.testing.assert_allclose(scored, log_prob, rtol=1e-6, atol=1e-6)
         # Scoring a different action gives a lower density than the mean itself.
-        _, at_mean, _, _ = ddim_step_with_logprob(schedule, model_output, t, previous[i], sample, eta=1.0,
+        _, at_mean, _, _ = ddim_step_with_logprob(schedule, model_output, t, previous[i], sample, eta=eta,
                                                   prev_sample=mean)
         assert np.all(np.asarray(at_mean) > np.asarray(log_prob))
 
@@ -235,7 +235,7 @@ def test_inverse_step_equals_diffusers_ddim_inverse(prediction, spacing):
         model_output, sample = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
         want = reference.step(torch.from_numpy(model_output), t, torch.from_numpy(sample)).prev_sample
         got = ddim_inverse_step(schedule, model_output, min(t - ratio, 999), t, sample)
-        assert _rel(got, want.numpy()) < 2e-5, t
+        assert rel_err(got, want.numpy()) < 2e-5, t
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
@@ -249,7 +249,7 @@ def test_inverse_step_undoes_deterministic_step(prediction):
     x0 = (x_t - np.sqrt(1 - alpha[501]) * eps) / np.sqrt(alpha[501])
     x_prev = np.asarray(ddim_step(schedule, _as_prediction(prediction, x0, eps, alpha[501]), 501, 481, x_t))
     back = ddim_inverse_step(schedule, _as_prediction(prediction, x0, eps, alpha[481]), 481, 501, x_prev)
-    assert _rel(back, x_t) < 1e-4
+    assert rel_err(back, x_t) < 1e-4
 
 
 def _as_prediction(prediction, x0, eps, alpha):
@@ -266,6 +266,6 @@ def test_add_noise_equals_diffusers():
     original, noise = (rng.standard_normal(SHAPE).astype(np.float32) for _ in range(2))
     t = np.array([999, 17], np.int64)
     want = reference.add_noise(torch.from_numpy(original), torch.from_numpy(noise), torch.from_numpy(t))
-    assert _rel(add_noise(schedule, original, noise, t.astype(np.int32)), want.numpy()) < 1e-6
+    assert rel_err(add_noise(schedule, original, noise, t.astype(np.int32)), want.numpy()) < 1e-6
     per_example = add_noise(schedule, original, noise, np.array([17, 17], np.int32))
     np.testing.assert_array_equal(add_noise(schedule, original, noise, 17), per_example)
