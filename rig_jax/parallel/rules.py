@@ -91,12 +91,20 @@ def _is_spec(x: Any) -> bool:
     return isinstance(x, PartitionSpec)
 
 
+def unbox_abstract(boxed: Any) -> Any:
+    """`nn.meta.unbox` without sharding constraints: inside the mesh context (a set mesh and
+    the logical rules) `unbox()` would apply one eagerly, which abstract leaves refuse."""
+    def is_box(x: Any) -> bool:
+        return isinstance(x, nn.LogicallyPartitioned)
+    return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, boxed, is_leaf=is_box)
+
+
 def param_shardings(boxed_abstract: Any, mesh: Mesh, rules: LogicalRules) -> Any:
     """NamedShardings for an (abstract) param tree whose leaves are Linen
     `LogicallyPartitioned` boxes; the result has the structure of the *unboxed* tree.
     Leaves without logical names are replicated."""
     logical_specs = nn.get_partition_spec(boxed_abstract)
-    shapes = nn.meta.unbox(boxed_abstract)
+    shapes = unbox_abstract(boxed_abstract)
 
     def to_sharding(spec: PartitionSpec, leaf: Any) -> NamedSharding:
         names = tuple(spec) + (None,) * (len(leaf.shape) - len(spec))
