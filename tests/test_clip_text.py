@@ -13,9 +13,15 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from rig_jax.errors import ConfigError, WeightsError
-from rig_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, init_params
+from rig_jax.models.clip_text import CLIPTextModel, init_params
 from rig_jax.parallel.rules import DEFAULT_RULES
-from rig_jax.weights.clip_keys import WEIGHTS_NAME, clip_key_table, load_clip_text, save_clip_text
+from rig_jax.weights.clip_text import (
+    WEIGHTS_NAME,
+    clip_key_table,
+    clip_text_config_from_hf,
+    load_clip_text,
+    save_clip_text,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -227,17 +233,17 @@ def test_unsupported_config_is_named(tiny, field, value, pattern):
     d = json.load(open(os.path.join(tiny["flat"], "config.json")))
     d[field] = value
     with pytest.raises(ConfigError, match=f"te/config.json: {pattern}"):
-        CLIPTextConfig.from_hf(d, source="te/config.json")
+        clip_text_config_from_hf(d, source="te/config.json")
 
 
 def test_harmless_metadata_is_accepted(tiny):
     d = json.load(open(os.path.join(tiny["flat"], "config.json")))
     d.update({"_name_or_path": "openai/clip-vit-large-patch14", "torch_dtype": "float16", "dropout": 0.0,
               "projection_dim": 768, "use_attention_mask": True, "id2label": {"0": "LABEL_0"}})
-    config = CLIPTextConfig.from_hf(d, "x")
+    config = clip_text_config_from_hf(d, "x")
     assert config.use_attention_mask and config.hidden_size == 32
     # a full CLIPModel config is read through its text_config
-    assert CLIPTextConfig.from_hf({"model_type": "clip", "text_config": d}, "x") == config
+    assert clip_text_config_from_hf({"model_type": "clip", "text_config": d}, "x") == config
 
 
 # ----------------------------------------------------------------------------- partitioning

@@ -16,13 +16,15 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from rig_jax.errors import ConfigError, WeightsError
-from rig_jax.models.unet import DIFFUSERS_DEFAULTS, UNet2DConditionModel, UNetConfig, example_inputs
+from rig_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from rig_jax.parallel.rules import DEFAULT_RULES, param_shardings
-from rig_jax.weights.unet_keys import (
-    abstract_unet_params,
+from rig_jax.weights.unet import (
+    DIFFUSERS_DEFAULTS,
     load_unet,
     read_unet_config,
     save_unet,
+    unet_abstract_params,
+    unet_config_from_diffusers,
     unet_key_table,
 )
 
@@ -145,7 +147,7 @@ def test_save_from_unet_config(loaded, tmp_path):
     config, _, params = loaded["variations"]
     save_unet(str(tmp_path), config, params)
     again = diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path))
-    assert UNetConfig.from_diffusers(dict(again.config), "reloaded") == config
+    assert unet_config_from_diffusers(dict(again.config), "reloaded") == config
 
 
 def test_save_rejects_params_that_do_not_fit(loaded, tmp_path):
@@ -222,16 +224,16 @@ def test_unsupported_field_in_folder(sd1_files, tmp_path):
 def test_unsupported_config_values(field, value, sd1_files):
     config, _ = sd1_files
     with pytest.raises(ConfigError, match=rf"^unet/config\.json: .*field {field}\b") as info:
-        UNetConfig.from_diffusers({**config, field: value}, "unet/config.json")
+        unet_config_from_diffusers({**config, field: value}, "unet/config.json")
     assert "\n" not in str(info.value)
 
 
 def test_unknown_field(sd1_files):
     config, _ = sd1_files
     with pytest.raises(ConfigError, match=re.escape("unet/config.json: unknown field frobnicate")):
-        UNetConfig.from_diffusers({**config, "frobnicate": 1}, "unet/config.json")
+        unet_config_from_diffusers({**config, "frobnicate": 1}, "unet/config.json")
     with pytest.raises(ConfigError, match="_class_name"):
-        UNetConfig.from_diffusers({**config, "_class_name": "UNet2DModel"}, "unet/config.json")
+        unet_config_from_diffusers({**config, "_class_name": "UNet2DModel"}, "unet/config.json")
 
 
 def test_defaults_follow_diffusers_signature():
@@ -245,10 +247,10 @@ def test_defaults_follow_diffusers_signature():
 
 def test_metadata_and_inert_fields_accepted(sd1_files):
     config, _ = sd1_files
-    base = UNetConfig.from_diffusers(config, "c")
+    base = unet_config_from_diffusers(config, "c")
     extra = {**config, "_name_or_path": "x/y", "_diffusers_version": "0.6.0", "resnet_skip_time_act": True,
              "cross_attention_norm": "group_norm", "mid_block_only_cross_attention": True}
-    assert UNetConfig.from_diffusers(extra, "c") == base
+    assert unet_config_from_diffusers(extra, "c") == base
 
 
 # The unet/config.json of the real SD 1.5 and SD 2.1 checkpoints (as published).
@@ -271,7 +273,7 @@ SD21_CONFIG = {**_BLOCKS, "_diffusers_version": "0.10.0.dev0", "attention_head_d
 def test_full_size_layouts(raw, head_dims):
     """Key table and param shapes of the real architectures against diffusers' own model,
     built on the meta device (no memory, no weights)."""
-    config = UNetConfig.from_diffusers(raw, "config.json")
+    config = unet_config_from_diffusers(raw, "config.json")
     assert [s.head_dim for s in config.down_block_specs()] == head_dims
     with torch.device("meta"):
         reference = diffusers.UNet2DConditionModel(**{k: v for k, v in raw.items() if not k.startswith("_")})
@@ -279,7 +281,7 @@ def test_full_size_layouts(raw, head_dims):
     table = unet_key_table(config)
     assert sorted(e.source_key for e in table.values()) == sorted(shapes)
     expected = {tuple(p.key for p in path): leaf.shape for path, leaf in
-                jax.tree_util.tree_flatten_with_path(abstract_unet_params(UNet2DConditionModel(config)))[0]}
+                jax.tree_util.tree_flatten_with_path(unet_abstract_params(UNet2DConditionModel(config)))[0]}
     assert set(expected) == set(table)
     for path, entry in table.items():
         empty = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), shapes[entry.source_key],
@@ -326,7 +328,7 @@ def test_gradient_checkpointing_same_values_and_grads():
             jnp.asarray(rng.standard_normal((2, 3, 8)), jnp.float32))
     # Random params from the abstract tree: a jitted `init` alone compiles for ~15 s here.
     params = jax.tree.map(lambda a: jnp.asarray(0.2 * rng.standard_normal(a.shape), jnp.float32),
-                          abstract_unet_params(module))
+                          unet_abstract_params(module))
 
     def loss(m):
         return lambda p: jnp.mean(jnp.square(m.apply({"params": p}, *args)))

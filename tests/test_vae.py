@@ -13,9 +13,9 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from rig_jax.errors import ConfigError, WeightsError
-from rig_jax.models.vae import CONV_NAMES, AutoencoderKL, VAEConfig, init_params, sample_latent
+from rig_jax.models.vae import CONV_NAMES, AutoencoderKL, init_params, sample_latent
 from rig_jax.parallel.rules import DEFAULT_RULES
-from rig_jax.weights.vae_keys import WEIGHTS_NAME, load_vae, save_vae, vae_key_table
+from rig_jax.weights.vae import WEIGHTS_NAME, load_vae, save_vae, vae_config_from_diffusers, vae_key_table
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -250,13 +250,13 @@ def test_unsupported_config_is_named(tiny, field, value, pattern):
     d = json.load(open(os.path.join(tiny["folder"], "config.json")))
     d[field] = value
     with pytest.raises(ConfigError, match=f"vae/config.json: .*{pattern}"):
-        VAEConfig.from_diffusers(d, source="vae/config.json")
+        vae_config_from_diffusers(d, source="vae/config.json")
 
 
 def test_shift_factor_zero_is_accepted(tiny):
     d = json.load(open(os.path.join(tiny["folder"], "config.json")))
     d["shift_factor"] = 0
-    assert VAEConfig.from_diffusers(d, "x").shift_factor == 0.0
+    assert vae_config_from_diffusers(d, "x").shift_factor == 0.0
 
 
 # ----------------------------------------------------------------------------- partitioning

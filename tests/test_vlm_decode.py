@@ -12,7 +12,7 @@ from rig_jax.errors import RigError
 from rig_jax.parallel import DEFAULT_RULES, make_mesh, param_shardings
 from rig_jax.vlm.decode import filter_logits, generate, score
 from rig_jax.vlm.processor import mrope_position_ids
-from rig_jax.weights.qwen_vl_keys import load_qwen_vl, qwen_vl_boxed_params
+from rig_jax.weights.qwen2_5_vl import load_qwen_vl, qwen_vl_boxed_params
 from tests.helpers import (
     END,
     IMAGE,

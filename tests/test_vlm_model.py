@@ -16,10 +16,15 @@ import pytest
 import torch
 
 from rig_jax.errors import ConfigError, WeightsError
-from rig_jax.models.qwen2_5_vl import Qwen25VLConfig, vision_inputs
+from rig_jax.models.qwen2_5_vl import vision_inputs
 from rig_jax.vlm.processor import mrope_position_ids
 from rig_jax.weights.io import load_safetensors_folder, save_safetensors
-from rig_jax.weights.qwen_vl_keys import load_qwen_vl, qwen_vl_boxed_params, save_qwen_vl
+from rig_jax.weights.qwen2_5_vl import (
+    load_qwen_vl,
+    qwen_vl_boxed_params,
+    qwen_vl_config_from_hf,
+    save_qwen_vl,
+)
 from tests.helpers import (
     END,
     IMAGE,
@@ -224,7 +229,7 @@ def test_save_in_hf5_layout_reads_back_in_transformers(tiny, tmp_path):
 def test_config_from_hf_forms_and_errors(tiny):
     with open(os.path.join(tiny["folder"], "config.json")) as f:
         nested = json.load(f)
-    config = Qwen25VLConfig.from_hf(nested)
+    config = qwen_vl_config_from_hf(nested)
     assert config == tiny["config"]
     # the flat hub form (transformers 4): text fields at the top, rope_scaling of type mrope
     flat = {k: v for k, v in nested.items() if k != "text_config"}
@@ -236,17 +241,17 @@ def test_config_from_hf_forms_and_errors(tiny):
     flat["rope_theta"] = rope["rope_theta"]
     flat["vision_config"] = dict(nested["vision_config"], in_chans=3, spatial_patch_size=14)
     flat["vision_config"].pop("in_channels")
-    assert Qwen25VLConfig.from_hf(flat) == config
+    assert qwen_vl_config_from_hf(flat) == config
     with pytest.raises(ConfigError, match=r"unsupported field text_config\.attention_sinks"):
-        Qwen25VLConfig.from_hf({**nested, "text_config": {**nested["text_config"], "attention_sinks": 4}})
+        qwen_vl_config_from_hf({**nested, "text_config": {**nested["text_config"], "attention_sinks": 4}})
     with pytest.raises(ConfigError, match=r"vision_config\.deepstack"):
-        Qwen25VLConfig.from_hf({**nested, "vision_config": {**nested["vision_config"], "deepstack": [1]}})
+        qwen_vl_config_from_hf({**nested, "vision_config": {**nested["vision_config"], "deepstack": [1]}})
     yarn = {**nested["text_config"], "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}
     with pytest.raises(ConfigError, match="rope type 'yarn'"):
-        Qwen25VLConfig.from_hf({**nested, "text_config": yarn})
+        qwen_vl_config_from_hf({**nested, "text_config": yarn})
     with pytest.raises(ConfigError, match="use_sliding_window"):
         sliding = {**nested["text_config"], "use_sliding_window": True}
-        Qwen25VLConfig.from_hf({**nested, "text_config": sliding})
+        qwen_vl_config_from_hf({**nested, "text_config": sliding})
     with pytest.raises(ConfigError, match="mrope_section"):
         bad = {**nested["text_config"], "rope_parameters": {"rope_theta": 1e4, "mrope_section": [2, 2, 2]}}
-        Qwen25VLConfig.from_hf({**nested, "text_config": bad})
+        qwen_vl_config_from_hf({**nested, "text_config": bad})

@@ -272,7 +272,7 @@ def make_vlm_generate(folder: str, max_new_tokens: int = 512, dtype: Any = None,
 
     from rig_jax.vlm.decode import generate
     from rig_jax.vlm.processor import ImageProcessorConfig, prepare_batch
-    from rig_jax.weights.qwen_vl_keys import load_qwen_vl
+    from rig_jax.weights.qwen2_5_vl import load_qwen_vl
 
     if not os.path.isdir(folder):
         raise WeightsError(f"{folder}: folder not found")

@@ -3,7 +3,7 @@
 Pre-norm transformer with a causal mask, learned absolute positions and a final layer
 norm. Param names mirror transformers (`encoder/layers_3/self_attn/q_proj/kernel` <->
 `[text_model.]encoder.layers.3.self_attn.q_proj.weight`) so that
-rig_jax/weights/clip_keys.py maps checkpoints by a flat table.
+rig_jax/weights/clip_text.py maps checkpoints by a flat table.
 
 Which layer conditions the U-Net: diffusers' StableDiffusionPipeline uses
 `last_hidden_state` (final layer norm applied) by default, and with `clip_skip=k` takes
@@ -14,7 +14,6 @@ drop OpenCLIP's last layer (23 layers in config.json), so they want `layer="last
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -25,46 +24,14 @@ from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
 from rig_jax.models.layers import activation, dense, layer_norm
 
-# Fields that shape the network, with transformers' CLIPTextConfig defaults.
-_NETWORK_DEFAULTS: dict[str, Any] = {
-    "vocab_size": 49408,
-    "hidden_size": 512,
-    "intermediate_size": 2048,
-    "num_hidden_layers": 12,
-    "num_attention_heads": 8,
-    "max_position_embeddings": 77,
-    "hidden_act": "quick_gelu",
-    "layer_norm_eps": 1e-5,
-    "pad_token_id": 1,
-    "bos_token_id": 49406,
-    "eos_token_id": 49407,
-}
-# Fields that do not change inference: training-only settings, initialisation, the
-# projection of CLIPModel (not part of the text model), and generic PretrainedConfig /
-# serialisation metadata that old and new transformers versions write.
-_HARMLESS_FIELDS = frozenset({
-    "projection_dim", "attention_dropout", "dropout", "initializer_range", "initializer_factor",
-    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
-    "_commit_hash", "_attn_implementation_autoset", "use_attention_mask",
-    "return_dict", "output_hidden_states", "output_attentions", "torchscript", "use_bfloat16",
-    "tie_word_embeddings", "is_encoder_decoder", "is_decoder", "add_cross_attention",
-    "cross_attention_hidden_size", "tie_encoder_decoder", "pruned_heads", "chunk_size_feed_forward",
-    "finetuning_task", "id2label", "label2id", "problem_type", "tokenizer_class", "prefix",
-    "sep_token_id", "decoder_start_token_id", "task_specific_params", "gradient_checkpointing",
-    "max_length", "min_length", "do_sample", "early_stopping", "num_beams", "num_beam_groups",
-    "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty",
-    "suppress_tokens", "begin_suppress_tokens", "tf_legacy_loss", "use_cache",
-})
 ACTIVATIONS = ("quick_gelu", "gelu")
 INIT = nn.initializers.normal(0.02)   # transformers' CLIP initializer_range (random inits only)
 
 
 @dataclasses.dataclass(frozen=True)
 class CLIPTextConfig:
-    """The architecture of a CLIP text encoder, read from a transformers `config.json`."""
+    """The architecture of a CLIP text encoder (read from a transformers `config.json` by
+    `rig_jax.weights.clip_text.clip_text_config_from_hf`)."""
     vocab_size: int = 49408
     hidden_size: int = 768
     intermediate_size: int = 3072
@@ -82,86 +49,6 @@ class CLIPTextConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
-
-    @classmethod
-    def from_hf(cls, d: Mapping[str, Any], source: str = "config") -> CLIPTextConfig:
-        """Parses a transformers CLIPTextConfig dict; `source` names the file in errors.
-
-        A full `CLIPModel` config (model_type "clip") is read through its `text_config`.
-        Unknown fields are a ConfigError naming the field, unless they are known metadata.
-        """
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        if d.get("model_type") == "clip" and isinstance(d.get("text_config"), Mapping):
-            d = d["text_config"]
-            source = f"{source} (text_config)"
-        model_type = d.get("model_type", "clip_text_model")
-        if model_type != "clip_text_model":
-            raise ConfigError(f"{source}: field model_type is {model_type!r}; expected clip_text_model")
-        unknown = sorted(k for k in d if k not in _NETWORK_DEFAULTS and k not in _HARMLESS_FIELDS)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field {unknown[0]} for a CLIP text model")
-        full = {**_NETWORK_DEFAULTS, **d}
-
-        def positive_int(field: str) -> int:
-            value = full[field]
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{source}: field {field} must be a positive integer, got {value!r}")
-            return value
-
-        def token_id(field: str, required: bool) -> int | None:
-            value = full[field]
-            if value is None and not required:
-                return None
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{source}: field {field} must be a non-negative integer, got {value!r}")
-            return value
-
-        hidden, heads = positive_int("hidden_size"), positive_int("num_attention_heads")
-        if hidden % heads:
-            raise ConfigError(f"{source}: field num_attention_heads = {heads} does not divide "
-                              f"hidden_size = {hidden}")
-        if full["hidden_act"] not in ACTIVATIONS:
-            raise ConfigError(f"{source}: field hidden_act = {full['hidden_act']!r}; "
-                              f"supported: {ACTIVATIONS}")
-        eps = full["layer_norm_eps"]
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps <= 0:
-            raise ConfigError(f"{source}: field layer_norm_eps must be a positive number, got {eps!r}")
-        use_mask = d.get("use_attention_mask", False)
-        if not isinstance(use_mask, bool):
-            raise ConfigError(f"{source}: field use_attention_mask must be true or false, got {use_mask!r}")
-        return cls(
-            vocab_size=positive_int("vocab_size"),
-            hidden_size=hidden,
-            intermediate_size=positive_int("intermediate_size"),
-            num_hidden_layers=positive_int("num_hidden_layers"),
-            num_attention_heads=heads,
-            max_position_embeddings=positive_int("max_position_embeddings"),
-            hidden_act=full["hidden_act"],
-            layer_norm_eps=float(eps),
-            pad_token_id=token_id("pad_token_id", required=False),
-            bos_token_id=token_id("bos_token_id", required=False),
-            eos_token_id=token_id("eos_token_id", required=True),
-            use_attention_mask=use_mask,
-        )
-
-    def to_hf(self) -> dict[str, Any]:
-        """The transformers `config.json` content for this architecture."""
-        return {
-            "architectures": ["CLIPTextModel"],
-            "model_type": "clip_text_model",
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "max_position_embeddings": self.max_position_embeddings,
-            "hidden_act": self.hidden_act,
-            "layer_norm_eps": self.layer_norm_eps,
-            "pad_token_id": self.pad_token_id,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-        }
 
 
 # ----------------------------------------------------------------------------- layers

@@ -12,7 +12,8 @@ Usage (what the samplers call):
   (epsilon or v, whichever the checkpoint was trained for: that is the scheduler's business).
 
 The module mirrors diffusers block for block, so a checkpoint maps onto it by an explicit
-key table (rig_jax/weights/unet_keys.py); param names follow the diffusers names
+key table (rig_jax/weights/unet.py, which also reads diffusers' config.json); param names
+follow the diffusers names
 (`down_blocks_0/attentions_1/transformer_blocks_0/attn2/to_k/kernel` <->
 `down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight`). 1x1 projections
 (`proj_in`/`proj_out`) are Dense layers whichever way the checkpoint stores them, so SD1
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -50,109 +51,6 @@ FF_MULT = 4
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
 MID_BLOCK_TYPE = "UNetMidBlock2DCrossAttn"
-
-# Every argument of diffusers' UNet2DConditionModel.__init__, with its default there.
-DIFFUSERS_DEFAULTS: dict[str, Any] = {
-    "sample_size": None,
-    "in_channels": 4,
-    "out_channels": 4,
-    "center_input_sample": False,
-    "flip_sin_to_cos": True,
-    "freq_shift": 0,
-    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    "mid_block_type": MID_BLOCK_TYPE,
-    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    "only_cross_attention": False,
-    "block_out_channels": (320, 640, 1280, 1280),
-    "layers_per_block": 2,
-    "downsample_padding": 1,
-    "mid_block_scale_factor": 1,
-    "dropout": 0.0,
-    "act_fn": "silu",
-    "norm_num_groups": 32,
-    "norm_eps": 1e-5,
-    "cross_attention_dim": 1280,
-    "transformer_layers_per_block": 1,
-    "reverse_transformer_layers_per_block": None,
-    "encoder_hid_dim": None,
-    "encoder_hid_dim_type": None,
-    "attention_head_dim": 8,
-    "num_attention_heads": None,
-    "dual_cross_attention": False,
-    "use_linear_projection": False,
-    "class_embed_type": None,
-    "addition_embed_type": None,
-    "addition_time_embed_dim": None,
-    "num_class_embeds": None,
-    "upcast_attention": False,
-    "resnet_time_scale_shift": "default",
-    "resnet_skip_time_act": False,
-    "resnet_out_scale_factor": 1.0,
-    "time_embedding_type": "positional",
-    "time_embedding_dim": None,
-    "time_embedding_act_fn": None,
-    "timestep_post_act": None,
-    "time_cond_proj_dim": None,
-    "conv_in_kernel": 3,
-    "conv_out_kernel": 3,
-    "projection_class_embeddings_input_dim": None,
-    "attention_type": "default",
-    "class_embeddings_concat": False,
-    "mid_block_only_cross_attention": None,
-    "cross_attention_norm": None,
-    "addition_embed_type_num_heads": 64,
-}
-
-# Fields whose only supported value is diffusers' default (SDXL / Kandinsky / LCM /
-# upscaler features, training-time dropout). A different value is a ConfigError.
-_FIXED_FIELDS = (
-    "reverse_transformer_layers_per_block", "encoder_hid_dim", "encoder_hid_dim_type",
-    "num_attention_heads", "dual_cross_attention", "class_embed_type", "addition_embed_type",
-    "addition_time_embed_dim", "num_class_embeds", "resnet_time_scale_shift", "time_embedding_type",
-    "time_embedding_dim", "time_embedding_act_fn", "timestep_post_act", "time_cond_proj_dim",
-    "conv_in_kernel", "conv_out_kernel", "projection_class_embeddings_input_dim", "attention_type",
-    "class_embeddings_concat", "mid_block_type",
-)
-_FIXED_REASONS = {
-    "num_attention_heads": "diffusers' UNet2DConditionModel itself refuses it; SD configs give the "
-                           "head count as attention_head_dim",
-    "mid_block_type": f"only {MID_BLOCK_TYPE} is built",
-}
-# Fields diffusers reads only for block types we do not build (Simple*/ResnetDownsample*):
-# any value gives the same network here.
-_INERT_FIELDS = ("resnet_skip_time_act", "resnet_out_scale_factor", "cross_attention_norm",
-                 "mid_block_only_cross_attention", "addition_embed_type_num_heads")
-
-
-def _fail(source: str, message: str) -> ConfigError:
-    return ConfigError(f"{source}: {message}")
-
-
-def _as_int(value: Any, field: str, source: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _fail(source, f"field {field} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _as_bool(value: Any, field: str, source: str) -> bool:
-    if not isinstance(value, bool):
-        raise _fail(source, f"field {field} must be true or false, got {value!r}")
-    return value
-
-
-def _as_number(value: Any, field: str, source: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise _fail(source, f"field {field} must be a number, got {value!r}")
-    return float(value)
-
-
-def _per_block(value: Any, field: str, source: str, n: int) -> tuple[int, ...]:
-    """An int or a list of `n` ints (diffusers' per-down-block fields)."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != n:
-            raise _fail(source, f"field {field} has {len(value)} entries for {n} down blocks")
-        return tuple(_as_int(v, field, source) for v in value)
-    return (_as_int(value, field, source),) * n
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,8 +96,9 @@ class UNetConfig:
     `attention_heads` is the number of attention heads per down block. diffusers' config
     calls it `attention_head_dim` (a historical misnomer: with `num_attention_heads` unset,
     which diffusers requires, `attention_head_dim` is the head count and the head width is
-    `channels // heads`); `from_diffusers` translates. `gradient_checkpointing` is ours:
-    it rematerialises each resnet and transformer block in the backward pass.
+    `channels // heads`); `rig_jax.weights.unet.unet_config_from_diffusers` translates.
+    `gradient_checkpointing` is ours: it rematerialises each resnet and transformer block in
+    the backward pass.
     """
     sample_size: int | tuple[int, int] | None = 64
     in_channels: int = 4
@@ -207,8 +106,8 @@ class UNetConfig:
     center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: float = 0.0
-    down_block_types: tuple[str, ...] = DIFFUSERS_DEFAULTS["down_block_types"]
-    up_block_types: tuple[str, ...] = DIFFUSERS_DEFAULTS["up_block_types"]
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
+    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: tuple[int, ...] = (2, 2, 2, 2)
     downsample_padding: int = 1
@@ -241,145 +140,6 @@ class UNetConfig:
             if c // heads < 1:
                 raise ConfigError(f"UNetConfig: field attention_head_dim gives {heads} heads for "
                                   f"{c} channels")
-
-    # ---- parsing and export of diffusers' config.json --------------------------------
-
-    @classmethod
-    def from_diffusers(cls, d: Mapping[str, Any], source: str = "config") -> UNetConfig:
-        """Parses a diffusers UNet2DConditionModel config dict; `source` names the file.
-
-        A field this implementation does not build with a non-default value (SDXL's
-        `addition_embed_type`, `class_embed_type`, `time_cond_proj_dim`, ...) or a field
-        diffusers does not have is a ConfigError naming it. Keys starting with `_` are
-        diffusers metadata (`_class_name`, `_diffusers_version`, `_name_or_path`, ...), and the
-        `_INERT_FIELDS` are accepted with any value (diffusers reads them only for block
-        types this U-Net does not have).
-        """
-        if not isinstance(d, Mapping):
-            raise _fail(source, f"expected a JSON object, got {type(d).__name__}")
-        class_name = d.get("_class_name", "UNet2DConditionModel")
-        if class_name != "UNet2DConditionModel":
-            raise _fail(source, f"field _class_name is {class_name!r}; only UNet2DConditionModel "
-                                "is supported")
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in DIFFUSERS_DEFAULTS)
-        if unknown:
-            raise _fail(source, f"unknown field {unknown[0]} for UNet2DConditionModel")
-        full = {**DIFFUSERS_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
-
-        for field in _FIXED_FIELDS:
-            default = DIFFUSERS_DEFAULTS[field]
-            if full[field] != default or type(full[field]) is not type(default):
-                reason = _FIXED_REASONS.get(field, "not supported by this implementation")
-                raise _fail(source, f"unsupported field {field}={full[field]!r} (only {default!r}: "
-                                    f"{reason})")
-
-        channels = full["block_out_channels"]
-        if not isinstance(channels, (list, tuple)) or not channels:
-            raise _fail(source, f"field block_out_channels must be a non-empty list, got {channels!r}")
-        channels = tuple(_as_int(c, "block_out_channels", source) for c in channels)
-        n = len(channels)
-
-        def block_types(field: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
-            value = full[field]
-            if not isinstance(value, (list, tuple)) or len(value) != n:
-                raise _fail(source, f"field {field} must list {n} block types (one per "
-                                    f"block_out_channels entry), got {value!r}")
-            out = []
-            for t in value:
-                t = t[len("UNetRes"):] if isinstance(t, str) and t.startswith("UNetRes") else t
-                if t not in allowed:
-                    raise _fail(source, f"unsupported field {field} entry {t!r} (expected one of {allowed})")
-                out.append(t)
-            return tuple(out)
-
-        down_types = block_types("down_block_types", DOWN_BLOCK_TYPES)
-        up_types = block_types("up_block_types", UP_BLOCK_TYPES)
-
-        only_cross = full["only_cross_attention"]
-        flags = only_cross if isinstance(only_cross, (list, tuple)) else [only_cross]
-        if any(f is not False for f in flags):
-            raise _fail(source, f"unsupported field only_cross_attention={only_cross!r} (only false)")
-        if full["dropout"] != 0:
-            raise _fail(source, f"unsupported field dropout={full['dropout']!r} (only 0: dropout is not "
-                                "implemented)")
-        if full["act_fn"] not in ("silu", "swish"):
-            raise _fail(source, f"unsupported field act_fn={full['act_fn']!r} (only silu)")
-        cross_dim = full["cross_attention_dim"]
-        if isinstance(cross_dim, (list, tuple)):
-            raise _fail(source, f"unsupported field cross_attention_dim={cross_dim!r} (one int for all "
-                                "blocks)")
-        groups = full["norm_num_groups"]
-        if groups is None:
-            raise _fail(source, "unsupported field norm_num_groups=None (GroupNorm is required)")
-        sample_size = full["sample_size"]
-        if isinstance(sample_size, (list, tuple)):
-            sample_size = tuple(_as_int(s, "sample_size", source) for s in sample_size)
-            if len(sample_size) != 2:
-                raise _fail(source, f"field sample_size must be an int or [height, width], got "
-                                    f"{full['sample_size']!r}")
-        elif sample_size is not None:
-            sample_size = _as_int(sample_size, "sample_size", source)
-        scale = _as_number(full["mid_block_scale_factor"], "mid_block_scale_factor", source)
-        if scale <= 0:
-            raise _fail(source, f"field mid_block_scale_factor must be > 0, got {scale!r}")
-        eps = _as_number(full["norm_eps"], "norm_eps", source)
-        if eps <= 0:
-            raise _fail(source, f"field norm_eps must be > 0, got {eps!r}")
-
-        try:
-            return cls(
-                sample_size=sample_size,
-                in_channels=_as_int(full["in_channels"], "in_channels", source),
-                out_channels=_as_int(full["out_channels"], "out_channels", source),
-                center_input_sample=_as_bool(full["center_input_sample"], "center_input_sample", source),
-                flip_sin_to_cos=_as_bool(full["flip_sin_to_cos"], "flip_sin_to_cos", source),
-                freq_shift=_as_number(full["freq_shift"], "freq_shift", source),
-                down_block_types=down_types,
-                up_block_types=up_types,
-                block_out_channels=channels,
-                layers_per_block=_per_block(full["layers_per_block"], "layers_per_block", source, n),
-                downsample_padding=_as_int(full["downsample_padding"], "downsample_padding", source, 0),
-                mid_block_scale_factor=scale,
-                norm_num_groups=_as_int(groups, "norm_num_groups", source),
-                norm_eps=eps,
-                cross_attention_dim=_as_int(cross_dim, "cross_attention_dim", source),
-                transformer_layers_per_block=_per_block(full["transformer_layers_per_block"],
-                                                        "transformer_layers_per_block", source, n),
-                attention_heads=_per_block(full["attention_head_dim"], "attention_head_dim", source, n),
-                use_linear_projection=_as_bool(full["use_linear_projection"], "use_linear_projection",
-                                               source),
-                upcast_attention=_as_bool(full["upcast_attention"], "upcast_attention", source),
-            )
-        except ConfigError as e:
-            raise _fail(source, str(e).removeprefix("UNetConfig: ")) from None
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers config dict of this architecture (for `save_unet` and tests)."""
-        size = self.sample_size
-        return {
-            "_class_name": "UNet2DConditionModel",
-            "sample_size": list(size) if isinstance(size, tuple) else size,
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "center_input_sample": self.center_input_sample,
-            "flip_sin_to_cos": self.flip_sin_to_cos,
-            "freq_shift": self.freq_shift,
-            "down_block_types": list(self.down_block_types),
-            "mid_block_type": MID_BLOCK_TYPE,
-            "up_block_types": list(self.up_block_types),
-            "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": list(self.layers_per_block),
-            "downsample_padding": self.downsample_padding,
-            "mid_block_scale_factor": self.mid_block_scale_factor,
-            "act_fn": "silu",
-            "norm_num_groups": self.norm_num_groups,
-            "norm_eps": self.norm_eps,
-            "cross_attention_dim": self.cross_attention_dim,
-            "transformer_layers_per_block": list(self.transformer_layers_per_block),
-            "attention_head_dim": list(self.attention_heads),
-            "use_linear_projection": self.use_linear_projection,
-            "upcast_attention": self.upcast_attention,
-        }
 
     # ---- the resolved block structure (shared by the module and the key table) ------
 

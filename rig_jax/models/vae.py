@@ -1,7 +1,7 @@
 """AutoencoderKL (the Stable Diffusion 1.x / 2.x VAE) in the diffusers layout, NHWC.
 
 The module mirrors diffusers' `AutoencoderKL` block for block so that a checkpoint maps
-onto it by a flat key table (rig_jax/weights/vae_keys.py) and the outputs match the
+onto it by a flat key table (rig_jax/weights/vae.py) and the outputs match the
 PyTorch reference to float32 rounding. Param names follow the diffusers names
 (`encoder/down_blocks_0/resnets_1/conv1/kernel` <-> `encoder.down_blocks.0.resnets.1.conv1.weight`).
 
@@ -11,14 +11,12 @@ the unscaled posterior and `decode` takes unscaled latents.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
 from typing import Any, Literal
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention
 from rig_jax.models.layers import CONV_NAMES as CONV_NAMES  # re-exported: tests check param names with it
 from rig_jax.models.layers import (
@@ -35,46 +33,10 @@ NORM_EPS = 1e-6            # diffusers hard-codes eps=1e-6 for every VAE norm
 DOWNSAMPLE_PADDING = 0     # diffusers' Encoder builds Downsample2D(padding=0): pad right/bottom by 1
 LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 
-# Fields of the diffusers AutoencoderKL config, with the defaults diffusers uses.
-_DEFAULTS: dict[str, Any] = {
-    "in_channels": 3,
-    "out_channels": 3,
-    "down_block_types": ("DownEncoderBlock2D",),
-    "up_block_types": ("UpDecoderBlock2D",),
-    "block_out_channels": (64,),
-    "layers_per_block": 1,
-    "act_fn": "silu",
-    "latent_channels": 4,
-    "norm_num_groups": 32,
-    "sample_size": 32,
-    "scaling_factor": 0.18215,
-    "shift_factor": None,
-    "latents_mean": None,
-    "latents_std": None,
-    "force_upcast": True,
-    "use_quant_conv": True,
-    "use_post_quant_conv": True,
-    "mid_block_add_attention": True,
-}
-
-
-def _int(d: Mapping[str, Any], field: str, source: str, minimum: int = 1) -> int:
-    value = d[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{source}: field {field} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _bool(d: Mapping[str, Any], field: str, source: str) -> bool:
-    value = d[field]
-    if not isinstance(value, bool):
-        raise ConfigError(f"{source}: field {field} must be true or false, got {value!r}")
-    return value
-
-
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
-    """The architecture of an AutoencoderKL, read from a diffusers `config.json`."""
+    """The architecture of an AutoencoderKL (read from a diffusers `config.json` by
+    `rig_jax.weights.vae.vae_config_from_diffusers`)."""
     in_channels: int = 3
     out_channels: int = 3
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
@@ -101,110 +63,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         """Image pixels per latent pixel along each side (8 for SD)."""
         return 2 ** (len(self.block_out_channels) - 1)
-
-    @classmethod
-    def from_diffusers(cls, d: Mapping[str, Any], source: str = "config") -> VAEConfig:
-        """Parses a diffusers AutoencoderKL config dict; `source` names the file in errors.
-
-        Every field the network depends on is checked: a value this implementation does not
-        build (another block type, activation, a latent shift) is a ConfigError naming the
-        field, and so is a field diffusers' AutoencoderKL does not have. Keys starting with
-        `_` are diffusers metadata (`_class_name`, `_diffusers_version`, ...).
-        """
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        class_name = d.get("_class_name", "AutoencoderKL")
-        if class_name != "AutoencoderKL":
-            raise ConfigError(f"{source}: field _class_name is {class_name!r}; only AutoencoderKL "
-                              "is supported")
-        unknown = sorted(k for k in d if not k.startswith("_") and k not in _DEFAULTS)
-        if unknown:
-            raise ConfigError(f"{source}: unknown field {unknown[0]} for AutoencoderKL")
-        full = {**_DEFAULTS, **{k: v for k, v in d.items() if not k.startswith("_")}}
-
-        channels = full["block_out_channels"]
-        if (not isinstance(channels, (list, tuple)) or not channels
-                or any(isinstance(c, bool) or not isinstance(c, int) or c < 1 for c in channels)):
-            raise ConfigError(f"{source}: field block_out_channels must be a non-empty list of positive "
-                              f"integers, got {channels!r}")
-        channels = tuple(channels)
-        for field, block in (("down_block_types", "DownEncoderBlock2D"),
-                             ("up_block_types", "UpDecoderBlock2D")):
-            types = full[field]
-            if not isinstance(types, (list, tuple)) or len(types) != len(channels):
-                raise ConfigError(f"{source}: field {field} must list one block per block_out_channels entry "
-                                  f"({len(channels)}), got {types!r}")
-            if any(t != block for t in types):
-                raise ConfigError(f"{source}: field {field} = {list(types)!r}; only {block} is supported")
-        if full["act_fn"] not in ("silu", "swish"):
-            raise ConfigError(f"{source}: field act_fn = {full['act_fn']!r}; only silu is supported")
-        if full["shift_factor"] not in (None, 0, 0.0):
-            raise ConfigError(f"{source}: field shift_factor = {full['shift_factor']!r}; only null or 0 "
-                              "is supported")
-        for field in ("latents_mean", "latents_std"):
-            if full[field] is not None:
-                raise ConfigError(f"{source}: field {field} is set; per-channel latent statistics are "
-                                  "not supported (only null)")
-        if not _bool(full, "mid_block_add_attention", source):
-            raise ConfigError(f"{source}: field mid_block_add_attention = false is not supported")
-        groups = _int(full, "norm_num_groups", source)
-        bad = [c for c in channels if c % groups]
-        if bad:
-            raise ConfigError(f"{source}: field norm_num_groups = {groups} does not divide "
-                              f"block_out_channels entry {bad[0]}")
-        scaling = full["scaling_factor"]
-        if isinstance(scaling, bool) or not isinstance(scaling, (int, float)) or scaling <= 0:
-            raise ConfigError(f"{source}: field scaling_factor must be a positive number, got {scaling!r}")
-        sample_size = full["sample_size"]
-        if isinstance(sample_size, (list, tuple)):
-            if len(sample_size) != 2 or any(isinstance(s, bool) or not isinstance(s, int)
-                                            for s in sample_size):
-                raise ConfigError(f"{source}: field sample_size must be an integer or [height, width], "
-                                  f"got {sample_size!r}")
-            sample_size = (int(sample_size[0]), int(sample_size[1]))
-        elif isinstance(sample_size, bool) or not isinstance(sample_size, int):
-            raise ConfigError(f"{source}: field sample_size must be an integer or [height, width], "
-                              f"got {sample_size!r}")
-        return cls(
-            in_channels=_int(full, "in_channels", source),
-            out_channels=_int(full, "out_channels", source),
-            block_out_channels=channels,
-            layers_per_block=_int(full, "layers_per_block", source),
-            latent_channels=_int(full, "latent_channels", source),
-            norm_num_groups=groups,
-            sample_size=sample_size,
-            scaling_factor=float(scaling),
-            shift_factor=None if full["shift_factor"] is None else 0.0,
-            force_upcast=_bool(full, "force_upcast", source),
-            use_quant_conv=_bool(full, "use_quant_conv", source),
-            use_post_quant_conv=_bool(full, "use_post_quant_conv", source),
-            mid_block_add_attention=True,
-        )
-
-    def to_diffusers(self) -> dict[str, Any]:
-        """The diffusers `config.json` content for this architecture."""
-        sample_size = list(self.sample_size) if isinstance(self.sample_size, tuple) else self.sample_size
-        return {
-            "_class_name": "AutoencoderKL",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "down_block_types": list(self.down_block_types),
-            "up_block_types": list(self.up_block_types),
-            "block_out_channels": list(self.block_out_channels),
-            "layers_per_block": self.layers_per_block,
-            "act_fn": "silu",
-            "latent_channels": self.latent_channels,
-            "norm_num_groups": self.norm_num_groups,
-            "sample_size": sample_size,
-            "scaling_factor": self.scaling_factor,
-            "shift_factor": self.shift_factor,
-            "latents_mean": None,
-            "latents_std": None,
-            "force_upcast": self.force_upcast,
-            "use_quant_conv": self.use_quant_conv,
-            "use_post_quant_conv": self.use_post_quant_conv,
-            "mid_block_add_attention": self.mid_block_add_attention,
-        }
 
 
 # ----------------------------------------------------------------------------- blocks

@@ -22,17 +22,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from rig_jax.diffusion.schedulers import DDIMSchedule
 from rig_jax.errors import ConfigError, WeightsError
 from rig_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from rig_jax.models.unet import UNet2DConditionModel, UNetConfig
 from rig_jax.models.vae import AutoencoderKL, VAEConfig
-from rig_jax.weights.clip_keys import clip_abstract_params, load_clip_text, save_clip_text
+from rig_jax.parallel.rules import LogicalRules, unbox_abstract
+from rig_jax.weights.clip_text import (
+    clip_boxed_params,
+    clip_text_config_from_hf,
+    load_clip_text,
+    save_clip_text,
+)
 from rig_jax.weights.io import read_json, write_json
 from rig_jax.weights.mapping import check_param_tree
-from rig_jax.weights.unet_keys import abstract_unet_params, load_unet, save_unet
-from rig_jax.weights.vae_keys import load_vae, save_vae, vae_abstract_params
+from rig_jax.weights.placement import place_tree
+from rig_jax.weights.unet import load_unet, save_unet, unet_boxed_params, unet_config_from_diffusers
+from rig_jax.weights.vae import load_vae, save_vae, vae_boxed_params, vae_config_from_diffusers
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
@@ -198,9 +206,11 @@ def _assemble(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPT
 
 
 def load_pipeline(folder: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                  text_layer: str = "last") -> tuple[SDPipeline, dict[str, Any]]:
+                  text_layer: str = "last", *, mesh: Mesh | None = None, rules: LogicalRules | None = None
+                  ) -> tuple[SDPipeline, dict[str, Any]]:
     """Reads a diffusers Stable Diffusion folder strictly: `(pipeline, params)` with
-    `params = {"unet": ..., "vae": ..., "text_encoder": ...}` (host arrays in `param_dtype`).
+    `params = {"unet": ..., "vae": ..., "text_encoder": ...}` in `param_dtype`: host arrays
+    without `mesh`, else every leaf placed as it is read with the shardings `rules` give.
 
     `dtype` is the compute dtype of the modules. `text_layer` picks the conditioning layer
     ("penultimate" is diffusers' clip_skip=1). A missing folder, file or key, a wrong shape
@@ -211,9 +221,11 @@ def load_pipeline(folder: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
     for name in COMPONENTS:
         if not os.path.isdir(os.path.join(folder, name)):
             raise WeightsError(f"{os.path.join(folder, name)}: folder not found (named in {MODEL_INDEX})")
-    unet_config, _, unet_params = load_unet(os.path.join(folder, "unet"), dtype, param_dtype)
-    vae_config, _, vae_params = load_vae(os.path.join(folder, "vae"), dtype, param_dtype)
-    text_config, _, text_params = load_clip_text(os.path.join(folder, "text_encoder"), dtype, param_dtype)
+    place = {"mesh": mesh, "rules": rules}
+    unet_config, _, unet_params = load_unet(os.path.join(folder, "unet"), dtype, param_dtype, **place)
+    vae_config, _, vae_params = load_vae(os.path.join(folder, "vae"), dtype, param_dtype, **place)
+    text_config, _, text_params = load_clip_text(os.path.join(folder, "text_encoder"), dtype, param_dtype,
+                                                 **place)
     tokenizer_dir = os.path.join(folder, "tokenizer")
     tokenizer_files = read_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -302,16 +314,23 @@ def save_pipeline_checkpoint(path: str, pipe: SDPipeline, params: Mapping[str, A
     save_checkpoint(path, params, metadata, overwrite=overwrite)
 
 
+def boxed_params(pipe: SDPipeline) -> dict[str, Any]:
+    """The abstract boxed param tree of the pipeline's modules (logical axis names attached)."""
+    return {"unet": unet_boxed_params(pipe.unet), "vae": vae_boxed_params(pipe.vae),
+            "text_encoder": clip_boxed_params(pipe.text_encoder)}
+
+
 def expected_params(pipe: SDPipeline) -> dict[str, Any]:
     """The param tree the pipeline's modules need, as ShapeDtypeStructs (nothing computed)."""
-    return {"unet": abstract_unet_params(pipe.unet), "vae": vae_abstract_params(pipe.vae),
-            "text_encoder": clip_abstract_params(pipe.text_encoder)}
+    return unbox_abstract(boxed_params(pipe))
 
 
 def load_pipeline_checkpoint(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                             text_layer: str | None = None) -> tuple[SDPipeline, dict[str, Any]]:
+                             text_layer: str | None = None, *, mesh: Mesh | None = None,
+                             rules: LogicalRules | None = None) -> tuple[SDPipeline, dict[str, Any]]:
     """Reads a checkpoint written by `save_pipeline_checkpoint`: `(pipeline, params)`, the same
-    as `load_pipeline` on the diffusers folder it came from. `text_layer` overrides the saved one."""
+    as `load_pipeline` on the diffusers folder it came from (placed on `mesh` the same way).
+    `text_layer` overrides the saved one."""
     from rig_jax.weights.orbax_store import PARAMS_DIR, load_checkpoint, load_metadata
 
     if not os.path.isdir(path):
@@ -327,9 +346,9 @@ def load_pipeline_checkpoint(path: str, dtype: Any = jnp.float32, param_dtype: A
                            "and scheduler")
     text_layer = text_layer or metadata.get("text_layer", "last")
     _check_text_layer(text_layer)
-    unet_config = UNetConfig.from_diffusers(configs["unet"], source=f"{path} (unet config)")
-    vae_config = VAEConfig.from_diffusers(configs["vae"], source=f"{path} (vae config)")
-    text_config = CLIPTextConfig.from_hf(configs["text_encoder"], source=f"{path} (text_encoder config)")
+    unet_config = unet_config_from_diffusers(configs["unet"], source=f"{path} (unet config)")
+    vae_config = vae_config_from_diffusers(configs["vae"], source=f"{path} (vae config)")
+    text_config = clip_text_config_from_hf(configs["text_encoder"], source=f"{path} (text_encoder config)")
     tokenizer_dir = os.path.join(path, metadata.get("tokenizer_dir", CHECKPOINT_TOKENIZER_DIR))
     tokenizer_files = read_tokenizer_files(tokenizer_dir)
     tokenizer = load_tokenizer(tokenizer_dir)
@@ -338,12 +357,13 @@ def load_pipeline_checkpoint(path: str, dtype: Any = jnp.float32, param_dtype: A
     restored, _ = load_checkpoint(path)
     check_param_tree(restored, expected_params(pipe), os.path.join(path, PARAMS_DIR))
     params = jax.tree.map(lambda x: np.asarray(x).astype(param_dtype), restored)
-    return pipe, params
+    return pipe, place_tree(params, boxed_params(pipe), mesh, rules)
 
 
 def load_any_pipeline(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
-                      text_layer: str | None = None) -> tuple[SDPipeline, dict[str, Any]]:
+                      text_layer: str | None = None, *, mesh: Mesh | None = None,
+                      rules: LogicalRules | None = None) -> tuple[SDPipeline, dict[str, Any]]:
     """A diffusers folder or a rig_jax pipeline checkpoint, whichever `path` is."""
     if os.path.isdir(path) and is_pipeline_checkpoint(path):
-        return load_pipeline_checkpoint(path, dtype, param_dtype, text_layer)
-    return load_pipeline(path, dtype, param_dtype, text_layer or "last")
+        return load_pipeline_checkpoint(path, dtype, param_dtype, text_layer, mesh=mesh, rules=rules)
+    return load_pipeline(path, dtype, param_dtype, text_layer or "last", mesh=mesh, rules=rules)

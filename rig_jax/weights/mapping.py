@@ -1,9 +1,9 @@
 """Explicit key tables between Hugging Face state dicts and Flax param trees.
 
-A table maps each Flax param path to one source key and a transform. Conversion is
-strict: every key of the table must be in the file, every key of the file must be in
-the table, and every converted tensor must have the shape the Flax model expects;
-anything else is a WeightsError naming the key.
+A table maps each Flax param path to one source key and a transform; every model's table is
+written with the one `KeyTableBuilder`. Conversion is strict: every key of the table must be
+in the file, every key of the file must be in the table, and every converted tensor must have
+the shape the Flax model expects; anything else is a WeightsError naming the key.
 """
 from __future__ import annotations
 
@@ -46,6 +46,56 @@ class Entry:
 KeyTable = Mapping[FlaxPath, Entry]
 
 
+class KeyTableBuilder:
+    """Writes a KeyTable one layer at a time, each side in its own spelling: Flax paths joined
+    by `/` (`down_blocks_0/resnets_1/conv1`), source keys by `.` (`down_blocks.0.resnets.1.conv1`).
+    The layer methods add the params the rig_jax layer of that kind creates."""
+
+    def __init__(self) -> None:
+        self._table: dict[FlaxPath, Entry] = {}
+
+    def add(self, flax_path: str, source_key: str, transform: Transform = IDENTITY) -> None:
+        path = tuple(flax_path.split("/"))
+        if path in self._table:
+            raise ValueError(f"key table: Flax param {flax_path} named twice")
+        self._table[path] = Entry(source_key, transform)
+
+    def dense(self, flax: str, source: str, bias: bool = True, transform: Transform = LINEAR) -> None:
+        """`nn.Dense` (`kernel`, `bias`) <- `weight`, `bias`."""
+        self.add(f"{flax}/kernel", f"{source}.weight", transform)
+        if bias:
+            self.add(f"{flax}/bias", f"{source}.bias")
+
+    def conv(self, flax: str, source: str) -> None:
+        """`nn.Conv` (`kernel`, `bias`) <- an `nn.Conv2d`."""
+        self.add(f"{flax}/kernel", f"{source}.weight", CONV2D)
+        self.add(f"{flax}/bias", f"{source}.bias")
+
+    def norm(self, flax: str, source: str, bias: bool = True) -> None:
+        """A norm's `scale` (and `bias`) <- `weight` (and `bias`); RMSNorm has no bias."""
+        self.add(f"{flax}/scale", f"{source}.weight")
+        if bias:
+            self.add(f"{flax}/bias", f"{source}.bias")
+
+    def embedding(self, flax: str, source: str) -> None:
+        """`nn.Embed` (`embedding`) <- an `nn.Embedding`."""
+        self.add(f"{flax}/embedding", f"{source}.weight")
+
+    def resnet2d(self, flax: str, source: str, shortcut: bool, time_embedding: bool) -> None:
+        """`models.layers.ResnetBlock2D` <- diffusers' ResnetBlock2D (U-Net and VAE)."""
+        self.norm(f"{flax}/norm1", f"{source}.norm1")
+        self.conv(f"{flax}/conv1", f"{source}.conv1")
+        if time_embedding:
+            self.dense(f"{flax}/time_emb_proj", f"{source}.time_emb_proj")
+        self.norm(f"{flax}/norm2", f"{source}.norm2")
+        self.conv(f"{flax}/conv2", f"{source}.conv2")
+        if shortcut:
+            self.conv(f"{flax}/conv_shortcut", f"{source}.conv_shortcut")
+
+    def build(self) -> KeyTable:
+        return dict(self._table)
+
+
 def flatten(tree: Mapping[str, Any], prefix: FlaxPath = ()) -> dict[FlaxPath, Any]:
     out: dict[FlaxPath, Any] = {}
     for k, v in tree.items():
@@ -67,21 +117,23 @@ def unflatten(flat: Mapping[FlaxPath, Any]) -> dict[str, Any]:
 
 
 def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: Any,
-                    source: str, ignore: Callable[[str], bool] = lambda k: False
-                    ) -> dict[str, Any]:
+                    source: str, ignore: Callable[[str], bool] = lambda k: False,
+                    place: Callable[[FlaxPath, np.ndarray], Any] | None = None) -> dict[str, Any]:
     """Builds a Flax param tree from a state dict through `table`.
 
     `expected` is the (abstract) Flax param tree, e.g. `jax.eval_shape(model.init, ...)`
     unboxed; `source` names the folder or file in error messages; `ignore(key)` marks
     source keys that are known and deliberately unused (buffers such as position ids).
+    `place(path, array)` puts each converted leaf where it belongs (e.g. sharded on a mesh) as
+    soon as it is converted; without it the leaves are host numpy arrays. The whole table is
+    checked against `expected` and the file's keys before anything is placed.
     """
     expected_flat = flatten(expected)
     missing_paths = sorted(set(expected_flat) - set(table))
     if missing_paths:
         raise WeightsError(f"{source}: no key table entry for Flax param "
                            f"{'/'.join(missing_paths[0])} ({len(missing_paths)} in all)")
-    used = set()
-    flat = {}
+    converted = {}
     for path, entry in table.items():
         if path not in expected_flat:
             raise WeightsError(f"{source}: key table names Flax param {'/'.join(path)}, "
@@ -94,11 +146,15 @@ def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: 
             raise WeightsError(
                 f"{source}: key {entry.source_key} has shape {tuple(state[entry.source_key].shape)}, "
                 f"which gives {tuple(value.shape)} for {'/'.join(path)}; expected {want}")
-        flat[path] = value.astype(expected_flat[path].dtype)
-        used.add(entry.source_key)
+        converted[path] = value  # a view of the file's tensor: cast (and placed) below
+    used = {entry.source_key for entry in table.values()}
     surplus = sorted(k for k in state if k not in used and not ignore(k))
     if surplus:
         raise WeightsError(f"{source}: unexpected key {surplus[0]} ({len(surplus)} in all)")
+    flat = {}
+    for path in list(converted):
+        value = converted.pop(path).astype(expected_flat[path].dtype)
+        flat[path] = value if place is None else place(path, value)
     return unflatten(flat)
 
 

@@ -21,146 +21,11 @@ from rig_jax.errors import ConfigError
 from rig_jax.models.qwen2_5_vl.lm import Cache, TextConfig, TextModel
 from rig_jax.models.qwen2_5_vl.vision import VisionConfig, VisionTransformer, vision_inputs
 
-# Fields that describe training, serving or provenance and do not change the forward pass.
-_METADATA = {
-    "architectures", "model_type", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
-    "name_or_path", "initializer_range", "use_cache", "attention_dropout", "output_attentions",
-    "output_hidden_states", "return_dict", "_attn_implementation", "_attn_implementation_autoset",
-    "vision_token_id", "max_window_layers", "sliding_window", "chunk_size_feed_forward",
-    "is_encoder_decoder", "tie_encoder_decoder", "problem_type", "id2label", "label2id",
-}
-_TOKEN_FIELDS = {"bos_token_id", "eos_token_id", "pad_token_id"}
-_TEXT_FIELDS = {
-    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-    "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "hidden_act",
-    "rope_parameters", "rope_scaling", "rope_theta", "use_sliding_window", "layer_types",
-    "tie_word_embeddings", "head_dim",
-}
-_TOP_FIELDS = {"text_config", "vision_config", "image_token_id", "video_token_id",
-               "vision_start_token_id", "vision_end_token_id", "tie_word_embeddings"}
-_VISION_FIELDS = {
-    "depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size", "in_channels",
-    "in_chans", "patch_size", "spatial_patch_size", "temporal_patch_size", "spatial_merge_size",
-    "window_size", "fullatt_block_indexes", "tokens_per_second", "hidden_act", "rope_parameters",
-    "rope_theta",
-}
-
-
-def _int(d: Mapping[str, Any], field: str, source: str, minimum: int = 1) -> int:
-    value = d[field]
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{source}: field {field} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _float(d: Mapping[str, Any], field: str, source: str) -> float:
-    value = d[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConfigError(f"{source}: field {field} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def _unknown(d: Mapping[str, Any], known: set[str], source: str, where: str) -> None:
-    extra = sorted(k for k in d if k not in known and k not in _METADATA and k not in _TOKEN_FIELDS)
-    if extra:
-        raise ConfigError(f"{source}: unsupported field {where}{extra[0]}"
-                          + (f" (and {len(extra) - 1} more)" if len(extra) > 1 else ""))
-
-
-def _token_ids(value: Any, field: str, source: str) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    values = value if isinstance(value, (list, tuple)) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise ConfigError(f"{source}: field {field} must be token ids, got {value!r}")
-    return tuple(values)
-
-
-def _text_config(d: Mapping[str, Any], top: Mapping[str, Any], source: str) -> TextConfig:
-    if d is not top:  # the flat form's fields are checked with the top level
-        _unknown(d, _TEXT_FIELDS, source, "text_config.")
-    if d.get("use_sliding_window"):
-        raise ConfigError(f"{source}: field use_sliding_window=true is not supported")
-    layer_types = d.get("layer_types")
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise ConfigError(f"{source}: field layer_types holds {sorted(set(layer_types))}; only "
-                          "full_attention is supported")
-    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or top.get("rope_scaling") or {})
-    rope_type = rope.pop("rope_type", rope.pop("type", "default"))
-    if rope_type not in ("default", "mrope"):
-        raise ConfigError(f"{source}: rope type {rope_type!r} is not supported (default/mrope only)")
-    theta = rope.pop("rope_theta", d.get("rope_theta", top.get("rope_theta", 1000000.0)))
-    section = rope.pop("mrope_section", None)
-    if rope:
-        raise ConfigError(f"{source}: unsupported rope parameter {sorted(rope)[0]}")
-    if section is None:
-        raise ConfigError(f"{source}: field rope_parameters.mrope_section is missing")
-    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                  "num_attention_heads"):
-        if field not in d:
-            raise ConfigError(f"{source}: field {field} is missing")
-    heads = _int(d, "num_attention_heads", source)
-    kv_heads = heads if d.get("num_key_value_heads") is None else _int(d, "num_key_value_heads", source)
-    cfg = TextConfig(
-        vocab_size=_int(d, "vocab_size", source),
-        hidden_size=_int(d, "hidden_size", source),
-        intermediate_size=_int(d, "intermediate_size", source),
-        num_hidden_layers=_int(d, "num_hidden_layers", source),
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        rms_norm_eps=_float(d, "rms_norm_eps", source) if "rms_norm_eps" in d else 1e-6,
-        rope_theta=float(theta),
-        mrope_section=tuple(int(s) for s in section),
-        max_position_embeddings=int(d.get("max_position_embeddings", 32768)),
-        hidden_act=str(d.get("hidden_act", "silu")),
-    )
-    if d.get("head_dim") not in (None, cfg.head_dim):
-        raise ConfigError(f"{source}: field head_dim {d['head_dim']} differs from hidden_size / "
-                          f"num_attention_heads = {cfg.head_dim}, which is not supported")
-    cfg.validate(source)
-    return cfg
-
-
-def _vision_config(d: Mapping[str, Any], source: str) -> VisionConfig:
-    _unknown(d, _VISION_FIELDS, source, "vision_config.")
-    for field in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size"):
-        if field not in d:
-            raise ConfigError(f"{source}: field vision_config.{field} is missing")
-    rope = dict(d.get("rope_parameters") or {})
-    rope_type = rope.pop("rope_type", "axial")
-    if rope_type not in ("axial", "default"):
-        raise ConfigError(f"{source}: vision rope type {rope_type!r} is not supported")
-    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-    if rope:
-        raise ConfigError(f"{source}: unsupported vision rope parameter {sorted(rope)[0]}")
-    defaults = VisionConfig()
-    patch = int(d.get("patch_size", defaults.patch_size))
-    if d.get("spatial_patch_size") not in (None, patch):
-        raise ConfigError(f"{source}: field vision_config.spatial_patch_size differs from patch_size")
-    cfg = VisionConfig(
-        depth=_int(d, "depth", source),
-        hidden_size=_int(d, "hidden_size", source),
-        intermediate_size=_int(d, "intermediate_size", source),
-        num_heads=_int(d, "num_heads", source),
-        out_hidden_size=_int(d, "out_hidden_size", source),
-        in_channels=int(d.get("in_channels", d.get("in_chans", defaults.in_channels))),
-        patch_size=patch,
-        temporal_patch_size=int(d.get("temporal_patch_size", defaults.temporal_patch_size)),
-        spatial_merge_size=int(d.get("spatial_merge_size", defaults.spatial_merge_size)),
-        window_size=int(d.get("window_size", defaults.window_size)),
-        fullatt_block_indexes=tuple(int(i) for i in d.get("fullatt_block_indexes",
-                                                           defaults.fullatt_block_indexes)),
-        tokens_per_second=int(d.get("tokens_per_second", defaults.tokens_per_second)),
-        rope_theta=float(theta),
-        hidden_act=str(d.get("hidden_act", defaults.hidden_act)),
-    )
-    cfg.validate(source)
-    return cfg
-
 
 @dataclasses.dataclass(frozen=True)
 class Qwen25VLConfig:
-    """The whole model. `vision=None` is a text-only decoder (no vision params)."""
+    """The whole model. `vision=None` is a text-only decoder (no vision params). Read from a
+    transformers `config.json` by `rig_jax.weights.qwen2_5_vl.qwen_vl_config_from_hf`."""
     text: TextConfig
     vision: VisionConfig | None
     image_token_id: int = 151655
@@ -171,38 +36,6 @@ class Qwen25VLConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
-
-    @classmethod
-    def from_hf(cls, d: Mapping[str, Any], source: str = "config.json") -> Qwen25VLConfig:
-        """Reads a transformers `config.json` dict, the nested (transformers >= 5) or the flat
-        (hub, transformers 4) form. Unsupported fields raise ConfigError naming them."""
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"{source}: expected a JSON object")
-        if d.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
-            raise ConfigError(f"{source}: field model_type is {d['model_type']!r}, expected 'qwen2_5_vl'")
-        nested = isinstance(d.get("text_config"), Mapping)
-        text_d: Mapping[str, Any] = d["text_config"] if nested else d
-        known_top = _TOP_FIELDS | ({"rope_scaling", "rope_theta"} if nested else _TEXT_FIELDS)
-        _unknown(d, known_top, source, "")
-        text = _text_config(text_d, d, source)
-        if not isinstance(d.get("vision_config"), Mapping):
-            raise ConfigError(f"{source}: field vision_config is missing")
-        vision = _vision_config(d["vision_config"], source)
-        if vision.out_hidden_size != text.hidden_size:
-            raise ConfigError(f"{source}: vision_config.out_hidden_size {vision.out_hidden_size} differs "
-                              f"from the text hidden_size {text.hidden_size}")
-        tie = bool(d.get("tie_word_embeddings", False) or text_d.get("tie_word_embeddings", False))
-        tokens = {k: text_d.get(k, d.get(k)) for k in _TOKEN_FIELDS}
-        bos = _token_ids(tokens["bos_token_id"], "bos_token_id", source)
-        pad = _token_ids(tokens["pad_token_id"], "pad_token_id", source)
-        ids = {}
-        for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
-            if field in d:
-                ids[field] = _int(d, field, source, minimum=0)
-        return cls(text=text, vision=vision, tie_word_embeddings=tie,
-                   bos_token_id=bos[0] if bos else None,
-                   eos_token_ids=_token_ids(tokens["eos_token_id"], "eos_token_id", source),
-                   pad_token_id=pad[0] if pad else None, **ids)
 
 
 def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
