@@ -15,21 +15,27 @@ flagged `malformed` and what it could not give scores 0 (empty graph, no verdict
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from rig_jax.data.scene_graph import Item, Relation, SceneGraph, Triplet
-from rig_jax.errors import RigError, WeightsError
+from rig_jax.errors import RigError
 from rig_jax.eval.base import JudgeResult
 from rig_jax.vlm.lenient_json import get_field, loads_lenient
 from rig_jax.vlm.prompts import Verdict, as_triplet, match_verdicts, normalize_text, verdicts_from_lines
+
+if TYPE_CHECKING:
+    from jax.sharding import Mesh
+
+    from rig_jax.parallel.rules import LogicalRules
+    from rig_jax.vlm.pipeline import VLMPipeline
 
 GenerateFn = Callable[[list[np.ndarray], list[str]], list[str]]
 
@@ -256,54 +262,60 @@ def summarize(results: Sequence[JudgeResult]) -> dict[str, float]:
 
 # ---------------------------------------------------------------- the Flax VLM as a generator
 
-def make_vlm_generate(folder: str, max_new_tokens: int = 512, dtype: Any = None, param_dtype: Any = None,
-                      pad_to_multiple_of: int = 64, system: str | None = None) -> GenerateFn:
-    """Greedy text generation with the Flax Qwen2.5-VL of a local HF folder (weights,
-    config.json, tokenizer files, preprocessor_config.json), one image per prompt.
+def vlm_generate_fn(pipe: VLMPipeline, params: Any, max_new_tokens: int = 512, pad_to_multiple_of: int = 64,
+                    system: str | None = None, *, mesh: Mesh | None = None,
+                    rules: LogicalRules | None = None) -> GenerateFn:
+    """Greedy text generation with a loaded VLM bundle, one image per prompt.
 
-    dtype: compute dtype (default bfloat16); param_dtype: stored weights (default: dtype, as
-    nothing is trained here). Prompt lengths are padded to a multiple of `pad_to_multiple_of`
-    so batches of similar prompts reuse one compiled program. Decoding stops at the model's
-    end-of-turn tokens. `system` replaces the chat template's default system message.
+    Prompt lengths are padded to a multiple of `pad_to_multiple_of` so batches of similar
+    prompts reuse one compiled program. Decoding stops at the bundle's stop tokens. `system`
+    replaces the chat template's default system message. With `mesh` every call runs under
+    it and the logical axis rules (`rules`, else those active when this was built), where
+    the params placed by `load_vlm_pipeline` live.
     """
+    import flax.linen as nn
     import jax
-    import jax.numpy as jnp
-    from transformers import AutoTokenizer
 
     from rig_jax.vlm.decode import generate
-    from rig_jax.vlm.processor import ImageProcessorConfig, prepare_batch
-    from rig_jax.weights.qwen2_5_vl import load_qwen_vl
+    from rig_jax.vlm.processor import prepare_batch
+    from rig_jax.weights.placement import resolve_rules
 
-    if not os.path.isdir(folder):
-        raise WeightsError(f"{folder}: folder not found")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as e:
-        raise WeightsError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
-    image_config = ImageProcessorConfig.from_folder(folder)
-    dtype = jnp.bfloat16 if dtype is None else dtype
-    config, module, params = load_qwen_vl(folder, dtype=dtype, param_dtype=dtype if param_dtype is None
-                                          else param_dtype)
-    stops = set(config.eos_token_ids)
-    for token_id in (tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")):
-        if token_id is not None and token_id != tokenizer.unk_token_id:
-            stops.add(int(token_id))
-    pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+    rules = resolve_rules(rules) if mesh is not None else None
 
     def vlm_generate(images: list[np.ndarray], prompts: list[str]) -> list[str]:
         if len(images) != len(prompts):
             raise RigError(f"vlm_generate: {len(images)} images for {len(prompts)} prompts")
         if not prompts:
             return []
-        batch = prepare_batch(tokenizer, prompts, [[im] for im in images], image_config, system=system,
-                              pad_to_multiple_of=pad_to_multiple_of)
-        out = generate(module, params, batch, jax.random.PRNGKey(0), max_new_tokens, greedy=True,
-                       stop_token_ids=sorted(stops), pad_id=pad_id)
-        tokens, valid = np.asarray(out["tokens"]), np.asarray(out["valid"])
+        batch = prepare_batch(pipe.tokenizer, prompts, [[im] for im in images], pipe.image_config,
+                              system=system, pad_to_multiple_of=pad_to_multiple_of)
+        with contextlib.ExitStack() as stack:
+            if mesh is not None:
+                stack.enter_context(jax.set_mesh(mesh))
+                stack.enter_context(nn.logical_axis_rules(rules))
+            out = generate(pipe.model, params, batch, jax.random.PRNGKey(0), max_new_tokens, greedy=True,
+                           stop_token_ids=list(pipe.stop_token_ids), pad_id=pipe.pad_id)
+            tokens, valid = np.asarray(out["tokens"]), np.asarray(out["valid"])
+        stops = set(pipe.stop_token_ids)
         texts = []
         for row, keep in zip(tokens, valid, strict=True):
             ids = [int(t) for t in row[keep] if int(t) not in stops]
-            texts.append(tokenizer.decode(ids, skip_special_tokens=True))
+            texts.append(pipe.tokenizer.decode(ids, skip_special_tokens=True))
         return texts
 
     return vlm_generate
+
+
+def make_vlm_generate(folder: str, max_new_tokens: int = 512, dtype: Any = None, param_dtype: Any = None,
+                      pad_to_multiple_of: int = 64, system: str | None = None, *, mesh: Mesh | None = None,
+                      rules: LogicalRules | None = None) -> GenerateFn:
+    """`vlm_generate_fn` over the VLM bundle of a local HF folder (`load_vlm_pipeline`: weights,
+    config.json, tokenizer files, preprocessor_config.json), its params placed on `mesh`.
+
+    dtype: compute dtype (default bfloat16); param_dtype: stored weights (default: dtype, as
+    nothing is trained here).
+    """
+    from rig_jax.vlm.pipeline import load_vlm_pipeline
+
+    pipe, params = load_vlm_pipeline(folder, dtype, param_dtype, mesh=mesh, rules=rules)
+    return vlm_generate_fn(pipe, params, max_new_tokens, pad_to_multiple_of, system, mesh=mesh, rules=rules)
