@@ -112,18 +112,18 @@ def shapes() -> ml_collections.ConfigDict:
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), transformer_layers_per_block=(1, 1),
         attention_heads=(4, 4), norm_num_groups=8, cross_attention_dim=32)
-    c.decoder = ml_collections.ConfigDict()      # Qwen2 decoders: TextConfig fields + tied embeddings
-    c.decoder.tiny = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3),
-                          tie_word_embeddings=False)
-    c.decoder.qwen2_1_5b = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
-                                num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
-                                tie_word_embeddings=True)
-    c.decoder.qwen2_5_vl_3b = dict(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                                   num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                                   tie_word_embeddings=True)
-    c.decoder.qwen2_5_vl_7b = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                   num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
-                                   tie_word_embeddings=False)
+    c.decoder = ml_collections.ConfigDict()      # Qwen2 decoders: name, TextConfig fields, tied embeddings
+    c.decoder.tiny = dict(
+        name="tiny", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, mrope_section=(2, 3, 3), tie_word_embeddings=False)
+    c.decoder.qwen2_1_5b = dict(
+        name="qwen2-1.5b", vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+        num_attention_heads=12, num_key_value_heads=2, tie_word_embeddings=True)
+    c.decoder.qwen2_5_vl_3b = dict(
+        name="qwen2.5-vl-3b", vocab_size=151936, hidden_size=2048, intermediate_size=11008,
+        num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2, tie_word_embeddings=True)
+    c.decoder.qwen2_5_vl_7b = dict(
+        name="qwen2.5-vl-7b", vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+        num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4, tie_word_embeddings=False)
     return c
 

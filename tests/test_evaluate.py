@@ -144,7 +144,7 @@ def test_vlm_judge_wiring(shapes_data, tmp_path, monkeypatch):
     _, records_path, image_dir, _ = shapes_data
     folders = []
 
-    def fake_make_vlm_generate(folder, max_new_tokens):
+    def fake_make_vlm_generate(folder, max_new_tokens, **placement):
         folders.append((folder, max_new_tokens))
         return _scripted_vlm
 

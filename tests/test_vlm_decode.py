@@ -194,8 +194,13 @@ def test_sharded_decoding_equals_single_device(tiny, devices):
 
 
 def test_benchmark_decode_tiny():
-    from rig_jax.vlm.bench import benchmark_decode  # the entry point tools/benchmark.py uses
-    result = benchmark_decode("tiny", batch=8, prompt_len=8, new_tokens=4, dtype="fp32", repeats=1)
+    from rig_jax.config import load_config_file
+    from rig_jax.parallel import mesh_context
+    from rig_jax.tools.benchmark import benchmark_decode  # the entry point rig-benchmark uses
+    config = load_config_file("configs/benchmark.py:decode")
+    config.dtype, config.repeats = "fp32", 1
+    with mesh_context(config) as (mesh, rules):
+        result = benchmark_decode(config, mesh, rules, batch=8, prompt_len=8, new_tokens=4)
     assert result["tokens_per_s"] > 0 and result["mesh_shape"] == [1, 8, 1]
     assert not {"shape", "bench", "device", "backend", "num_devices"} & set(result)  # the caller adds them
     per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 64 + 2 * 32 + 3 * 64 * 128 + 2 * 64

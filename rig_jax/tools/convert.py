@@ -3,6 +3,10 @@ orbax checkpoints.
 
     rig-convert to-orbax DIFFUSERS_DIR CKPT_DIR       # strict load, then orbax + metadata
     rig-convert to-diffusers CKPT_DIR DIFFUSERS_DIR   # back to a folder diffusers loads
+    rig-convert --config=configs/convert.py:to-orbax --config.source=DIR --config.target=CKPT
+
+The config is configs/convert.py (the command and paths are sugar for its fields); params
+are loaded onto the mesh of `config.mesh` and gathered when written.
 
 The checkpoint keeps every raw config, the text-layer choice and the tokenizer files, so
 a round trip gives the same tensors and configs. A missing folder or file, a missing,
@@ -10,30 +14,28 @@ surplus or mis-shaped tensor exits with status 2 and one line naming it.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
+from typing import Any
 
-from rig_jax.cli import run_cli
-from rig_jax.errors import WeightsError
+from rig_jax.config import SugarParser, run_tool
+from rig_jax.errors import ConfigError, WeightsError
+
+COMMANDS = ("to-orbax", "to-diffusers")
+TEXT_LAYERS = ("last", "penultimate")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rig-convert", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    to_orbax = sub.add_parser("to-orbax", help="diffusers folder -> rig_jax orbax checkpoint")
-    to_orbax.add_argument("source", metavar="DIFFUSERS_DIR")
-    to_orbax.add_argument("target", metavar="CKPT_DIR")
-    to_orbax.add_argument("--text-layer", choices=("last", "penultimate"), default="last",
-                          help="text-encoder layer that conditions the U-Net, stored in the checkpoint "
-                               "(penultimate = diffusers' clip_skip=1)")
-    to_orbax.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
-    to_diffusers = sub.add_parser("to-diffusers", help="rig_jax orbax checkpoint -> diffusers folder")
-    to_diffusers.add_argument("source", metavar="CKPT_DIR")
-    to_diffusers.add_argument("target", metavar="DIFFUSERS_DIR")
-    to_diffusers.add_argument("--overwrite", action="store_true",
-                              help="write into an existing, non-empty folder")
+def build_parser() -> SugarParser:
+    p = SugarParser("rig-convert", __doc__.split("\n\n")[0], "configs/convert.py:to-orbax")
+    p.add_argument("command", nargs="?", choices=COMMANDS,
+                   help="to-orbax: diffusers folder -> rig_jax orbax checkpoint; to-diffusers: back")
+    p.add_argument("source", nargs="?", metavar="SOURCE", help="DIFFUSERS_DIR (to-orbax) or CKPT_DIR")
+    p.add_argument("target", nargs="?", metavar="TARGET", help="CKPT_DIR (to-orbax) or DIFFUSERS_DIR")
+    p.add_argument("--text-layer", dest="text_layer", choices=TEXT_LAYERS,
+                   help="to-orbax: text-encoder layer that conditions the U-Net, stored in the checkpoint "
+                        "(penultimate = diffusers' clip_skip=1)")
+    p.add_argument("--overwrite", dest="overwrite", action="store_const", const=True,
+                   help="replace an existing checkpoint / write into an existing, non-empty folder")
     return p
 
 
@@ -49,7 +51,9 @@ def _count(params: dict) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
 
 
-def _main(argv: Sequence[str]) -> None:
+def run(config: Any) -> None:
+    """Converts `config.source` to `config.target` as `config.command` says, under the mesh context."""
+    from rig_jax.parallel import mesh_context
     from rig_jax.weights.diffusers_pipeline import (
         load_pipeline,
         load_pipeline_checkpoint,
@@ -57,20 +61,27 @@ def _main(argv: Sequence[str]) -> None:
         save_pipeline_checkpoint,
     )
 
-    args = build_parser().parse_args(argv)
-    _check_target(args.target, args.overwrite)
-    if args.command == "to-orbax":
-        pipe, params = load_pipeline(args.source, text_layer=args.text_layer)
-        save_pipeline_checkpoint(args.target, pipe, params, overwrite=args.overwrite)
-    else:
-        pipe, params = load_pipeline_checkpoint(args.source)
-        save_pipeline(args.target, pipe, params)
-    print(f"{args.command}: {args.source} -> {args.target} ({_count(params):,} parameters)")
+    if config.command not in COMMANDS:
+        raise ConfigError(f"command: {config.command!r} is not one of {', '.join(COMMANDS)}")
+    if not config.source or not config.target:
+        raise ConfigError(f"rig-convert {config.command} needs SOURCE and TARGET (or --config.source / "
+                          "--config.target)")
+    if config.text_layer not in TEXT_LAYERS:
+        raise ConfigError(f"text_layer: {config.text_layer!r} is not one of {', '.join(TEXT_LAYERS)}")
+    _check_target(config.target, config.overwrite)
+    with mesh_context(config) as (mesh, rules):
+        if config.command == "to-orbax":
+            pipe, params = load_pipeline(config.source, text_layer=config.text_layer, mesh=mesh, rules=rules)
+            save_pipeline_checkpoint(config.target, pipe, params, overwrite=config.overwrite)
+        else:
+            pipe, params = load_pipeline_checkpoint(config.source, mesh=mesh, rules=rules)
+            save_pipeline(config.target, pipe, params)
+    print(f"{config.command}: {config.source} -> {config.target} ({_count(params):,} parameters)")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`rig-convert`): bad input exits 2 with one line on stderr."""
-    run_cli(_main, sys.argv[1:] if argv is None else list(argv))
+    run_tool(run, argv, build_parser())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,11 @@
 
     rig-eval --records test.json --images DIR --judge shapes --out OUTDIR
     rig-eval --shapes-demo 64 --out OUTDIR      # writes ShapesSG records + renders, then scores them
+    rig-eval --config=configs/eval.py:vlm --config.vlm.path=QWEN_DIR --config.records=test.json \\
+        --config.images=DIR --config.out=OUTDIR
+
+The config is configs/eval.py (the short flags set its fields); the VLM judge is loaded onto
+the mesh of `config.mesh` with its logical axis rules.
 
 Images are matched to records by the record's `name` (`DIR/<name>`). The judge extracts a
 scene graph per image and a verdict per ground-truth triplet; OUTDIR receives
@@ -11,7 +16,6 @@ and `grid.png`.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -20,33 +24,34 @@ from typing import Any
 
 import numpy as np
 
-from rig_jax.cli import run_cli
+from rig_jax.config import SugarParser, run_tool
 from rig_jax.data.scene_graph import SceneGraph
 from rig_jax.errors import ConfigError, DataError
 from rig_jax.eval.base import Judge, JudgeResult
 
 JUDGES = ("shapes", "vlm")
+VLM_DTYPES = {"bf16": "bfloat16", "fp32": "float32"}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rig-eval", description=__doc__.split("\n\n")[0])
-    p.add_argument("--records", help="LAION-SG JSON file (a list of records, or JSON lines)")
-    p.add_argument("--images", help="folder holding each record's image, named by the record's `name`")
-    p.add_argument("--judge", choices=JUDGES, default="shapes",
+def build_parser() -> SugarParser:
+    p = SugarParser("rig-eval", __doc__.split("\n\n")[0], "configs/eval.py:shapes")
+    p.add_argument("--records", dest="records", help="LAION-SG JSON file (a list of records, or JSON lines)")
+    p.add_argument("--images", dest="images", help="folder of each record's image, named by its `name`")
+    p.add_argument("--judge", dest="judge", choices=JUDGES,
                    help="shapes: the ShapesSG pixel detector; vlm: a VLM judge from --vlm-path")
-    p.add_argument("--vlm-path", help="local folder of the judge VLM (for --judge vlm)")
-    p.add_argument("--vlm-max-new-tokens", type=int, default=384,
+    p.add_argument("--vlm-path", dest="vlm.path", help="local folder of the judge VLM (for --judge vlm)")
+    p.add_argument("--vlm-max-new-tokens", dest="vlm.max_new_tokens", type=int,
                    help="longest VLM answer in tokens (for --judge vlm)")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N records")
-    p.add_argument("--batch-size", type=int, default=32, help="images per judge call")
-    p.add_argument("--report-rows", type=int, default=200, help="records shown in report.html")
-    p.add_argument("--grid-size", type=int, default=64, help="images in grid.png")
-    p.add_argument("--shapes-demo", type=int, default=None, metavar="N",
+    p.add_argument("--out", dest="out", help="output folder")
+    p.add_argument("--limit", dest="limit", type=int, help="score only the first N records")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="images per judge call")
+    p.add_argument("--report-rows", dest="report_rows", type=int, help="records shown in report.html")
+    p.add_argument("--grid-size", dest="grid_size", type=int, help="images in grid.png")
+    p.add_argument("--shapes-demo", dest="shapes_demo", type=int, metavar="N",
                    help="first write N ShapesSG scenes (records + PNG renders) under OUT/shapes, "
                         "then score them (replaces --records/--images)")
-    p.add_argument("--seed", type=int, default=0, help="seed of --shapes-demo")
-    p.add_argument("--image-size", type=int, default=32, help="image size of --shapes-demo")
+    p.add_argument("--seed", dest="seed", type=int, help="seed of --shapes-demo")
+    p.add_argument("--image-size", dest="image_size", type=int, help="image size of --shapes-demo")
     return p
 
 
@@ -82,8 +87,9 @@ def load_image(path: str) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({e})") from None
 
 
-def build_judge(args: argparse.Namespace, graphs: Sequence[SceneGraph], first_image: np.ndarray) -> Judge:
-    if args.judge == "shapes":
+def build_judge(config: Any, image_dir: str, graphs: Sequence[SceneGraph], first_image: np.ndarray,
+                mesh: Any, rules: Any) -> Judge:
+    if config.judge == "shapes":
         from rig_jax.data import shapes
         from rig_jax.eval.shapes_judge import ShapesJudge
 
@@ -93,66 +99,86 @@ def build_judge(args: argparse.Namespace, graphs: Sequence[SceneGraph], first_im
         colour_only = all(it.label == shapes.COLOUR_ONLY_LABEL for g in graphs for it in g.items)
         size = int(first_image.shape[0])
         try:
-            config = shapes.ShapesConfig(image_size=size, colours=colours, colour_only=colour_only)
+            world = shapes.ShapesConfig(image_size=size, colours=colours, colour_only=colour_only)
         except ConfigError as e:
-            raise DataError(f"{args.images}: images of {size} px cannot be read by the shapes judge ({e})") \
+            raise DataError(f"{image_dir}: images of {size} px cannot be read by the shapes judge ({e})") \
                 from None
-        return ShapesJudge(config)
-    return build_vlm_judge(args)
+        return ShapesJudge(world)
+    return build_vlm_judge(config, mesh, rules)
 
 
-def check_vlm_args(args: argparse.Namespace) -> None:
-    """Cheap checks of the VLM judge's arguments, before any data is read."""
-    if not args.vlm_path:
-        raise ConfigError("--judge vlm needs --vlm-path DIR (a local folder with the judge VLM: weights, "
-                          "config.json, tokenizer and preprocessor_config.json)")
-    if not os.path.isdir(args.vlm_path):
-        raise ConfigError(f"{args.vlm_path}: --vlm-path folder not found")
-    if args.vlm_max_new_tokens < 1:
-        raise ConfigError("--vlm-max-new-tokens must be at least 1")
+def check_vlm_config(vlm: Any) -> None:
+    """Cheap checks of the VLM judge's section, before any data is read."""
+    if not vlm.path:
+        raise ConfigError("--judge vlm needs --vlm-path DIR (vlm.path: a local folder with the judge VLM: "
+                          "weights, config.json, tokenizer and preprocessor_config.json)")
+    if not os.path.isdir(vlm.path):
+        raise ConfigError(f"{vlm.path}: --vlm-path folder not found")
+    if vlm.max_new_tokens < 1:
+        raise ConfigError("--vlm-max-new-tokens (vlm.max_new_tokens) must be at least 1")
+    if vlm.dtype not in VLM_DTYPES:
+        raise ConfigError(f"vlm.dtype: {vlm.dtype!r} is not one of {', '.join(VLM_DTYPES)}")
 
 
-def build_vlm_judge(args: argparse.Namespace) -> Judge:
-    """The VLM judge: greedy answers of the Flax VLM in `--vlm-path` (attribute + label nodes)."""
+def build_vlm_judge(config: Any, mesh: Any, rules: Any) -> Judge:
+    """The VLM judge: greedy answers of the Flax VLM in `vlm.path` (attribute + label nodes),
+    its params placed on `mesh` by `rules`."""
+    import jax.numpy as jnp
+
     from rig_jax.eval import judge as vlm_judge
 
-    check_vlm_args(args)
-    generate = vlm_judge.make_vlm_generate(args.vlm_path, max_new_tokens=args.vlm_max_new_tokens)
-    return vlm_judge.VLMJudge(generate, with_attributes=True, batch_size=args.batch_size)
+    vlm = config.vlm
+    check_vlm_config(vlm)
+    generate = vlm_judge.make_vlm_generate(
+        vlm.path, max_new_tokens=vlm.max_new_tokens, dtype=getattr(jnp, VLM_DTYPES[vlm.dtype]),
+        pad_to_multiple_of=vlm.pad_to_multiple_of, mesh=mesh, rules=rules)
+    return vlm_judge.VLMJudge(generate, with_attributes=True, batch_size=config.batch_size)
 
 
-def evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """Runs the evaluation the parsed arguments ask for; returns the metrics it wrote."""
-    from tqdm import tqdm
+def evaluate(config: Any) -> dict[str, Any]:
+    """Runs the evaluation `config` asks for on the mesh of `config.mesh`; returns the metrics."""
+    from rig_jax.parallel import mesh_context
 
-    if args.batch_size < 1 or (args.limit is not None and args.limit < 1):
-        raise ConfigError("--batch-size and --limit must be at least 1")
-    if args.shapes_demo is not None:
+    if config.judge not in JUDGES:
+        raise ConfigError(f"judge: {config.judge!r} is not one of {', '.join(JUDGES)}")
+    if not config.out:
+        raise ConfigError("out: required (--out DIR or --config.out=DIR)")
+    if config.batch_size < 1 or config.limit < 0:
+        raise ConfigError("--batch-size must be at least 1 and --limit at least 0 (0: every record)")
+    records_path, image_dir = config.records, config.images
+    if config.shapes_demo:
         from rig_jax.data import shapes
 
-        if args.shapes_demo < 1:
+        if config.shapes_demo < 1:
             raise ConfigError("--shapes-demo must be at least 1")
-        config = shapes.ShapesConfig(image_size=args.image_size)
-        args.records, args.images = shapes.shapes_demo(os.path.join(args.out, "shapes"), args.shapes_demo,
-                                                       args.seed, config)
-    elif not args.records or not args.images:
+        world = shapes.ShapesConfig(image_size=config.image_size)
+        records_path, image_dir = shapes.shapes_demo(os.path.join(config.out, "shapes"), config.shapes_demo,
+                                                     config.seed, world)
+    elif not records_path or not image_dir:
         raise ConfigError("rig-eval needs --records FILE and --images DIR (or --shapes-demo N)")
-    if args.judge == "vlm":
-        check_vlm_args(args)   # fail on a bad --vlm-path before reading any data
-    records, graphs = load_records(args.records)
-    if args.limit is not None:
-        records, graphs = records[:args.limit], graphs[:args.limit]
-    paths = image_paths(args.images, records)
+    if config.judge == "vlm":
+        check_vlm_config(config.vlm)   # fail on a bad --vlm-path before reading any data
+    with mesh_context(config) as (mesh, rules):
+        return _evaluate(config, records_path, image_dir, mesh, rules)
+
+
+def _evaluate(config: Any, records_path: str, image_dir: str, mesh: Any, rules: Any) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    records, graphs = load_records(records_path)
+    if config.limit:
+        records, graphs = records[:config.limit], graphs[:config.limit]
+    paths = image_paths(image_dir, records)
 
     judge: Judge | None = None
     results: list[JudgeResult] = []
     kept_images: list[np.ndarray] = []
-    keep = max(args.report_rows, args.grid_size)
+    keep = max(config.report_rows, config.grid_size)
     judge_seconds = 0.0
     first_shape: tuple[int, ...] | None = None
-    with tqdm(total=len(paths), desc=f"judging ({args.judge})", unit="img", file=sys.stderr) as bar:
-        for start in range(0, len(paths), args.batch_size):
-            batch_paths = paths[start:start + args.batch_size]
+    with tqdm(total=len(paths), desc=f"judging ({config.judge})", unit="img", file=sys.stderr) as bar:
+        for start in range(0, len(paths), config.batch_size):
+            batch_paths = paths[start:start + config.batch_size]
             batch = [load_image(p) for p in batch_paths]
             first_shape = first_shape or batch[0].shape
             for path, image in zip(batch_paths, batch, strict=True):
@@ -160,7 +186,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
                     raise DataError(f"{path}: image is {image.shape[0]}x{image.shape[1]}, the first "
                                     f"is {first_shape[0]}x{first_shape[1]}")
             if judge is None:
-                judge = build_judge(args, graphs, batch[0])
+                judge = build_judge(config, image_dir, graphs, batch[0], mesh, rules)
             t0 = time.perf_counter()
             results += judge.judge(batch, graphs[start:start + len(batch)])
             judge_seconds += time.perf_counter() - t0
@@ -169,22 +195,18 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
 
     from rig_jax.eval.report import write_evaluation
 
-    metrics = write_evaluation(args.out, records, graphs, results, kept_images, judge_name=args.judge,
-                               judge_seconds=judge_seconds, report_rows=args.report_rows,
-                               grid_size=args.grid_size,
-                               title=f"rig-eval: {os.path.basename(args.records)} ({args.judge} judge)",
-                            extra={"records_file": os.path.abspath(args.records),
-                                   "image_dir": os.path.abspath(args.images)})
+    metrics = write_evaluation(config.out, records, graphs, results, kept_images, judge_name=config.judge,
+                               judge_seconds=judge_seconds, report_rows=config.report_rows,
+                               grid_size=config.grid_size,
+                               title=f"rig-eval: {os.path.basename(records_path)} ({config.judge} judge)",
+                               extra={"records_file": os.path.abspath(records_path),
+                                      "image_dir": os.path.abspath(image_dir)})
     return metrics
-
-
-def _main(argv: Sequence[str] | None) -> dict[str, Any]:
-    return evaluate(build_parser().parse_args(argv))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`rig-eval`): bad input exits 2 with one line on stderr."""
-    run_cli(_main, argv)
+    run_tool(evaluate, argv, build_parser())
 
 
 if __name__ == "__main__":

@@ -4,55 +4,60 @@
     rig-sample --model CKPT --prompts prompts.txt --seed 3 --steps 50 --guidance 7.5 --batch 8 \\
         --save-latents noise.npy --out grid.png
     rig-sample --model DIR --prompts prompts.txt --init-latents noise.npy --out again.png
+    rig-sample --config=configs/sample.py:draft --config.model=DIR --config.sampler.guidance_rescale=0.7
 
-`--model` is a diffusers folder or a `rig-convert to-orbax` checkpoint. The starting noise
-of prompt i is drawn per batch from `--seed`; `--save-latents` writes it (N, h, w, C) and
-`--init-latents` uses such a file instead, which reproduces the images exactly (with the
-same `--batch`, `--steps`, `--guidance`, `--eta` and `--seed` when eta > 0). Every batch
-has `--batch` rows (the last is padded), so one compiled program serves them all.
+The config is configs/sample.py (the short flags set its fields). `model` is a diffusers
+folder or a `rig-convert to-orbax` checkpoint, loaded onto the mesh of `config.mesh`. The
+starting noise of prompt i is drawn per batch from `seed`; `save_latents` writes it
+(N, h, w, C) and `init_latents` uses such a file instead, which reproduces the images exactly
+(with the same batch, sampler settings and seed when eta > 0). Every batch has `batch` rows
+(the last is padded), so one compiled program serves them all.
 """
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from rig_jax.cli import run_cli
+from rig_jax.config import SugarParser, run_tool
+from rig_jax.diffusion.settings import SamplerSettings
 from rig_jax.errors import ConfigError, DataError
 
+DTYPES = ("fp32", "bf16")
+TEXT_LAYERS = ("last", "penultimate")
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rig-sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="diffusers SD folder or rig-convert orbax checkpoint")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", help="text file, one prompt per line (blank lines skipped)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
-    p.add_argument("--batch", type=int, default=4, help="images per device call")
-    p.add_argument("--height", type=int, default=None, help="pixels (default: the U-Net's sample size)")
-    p.add_argument("--width", type=int, default=None, help="pixels (default: the U-Net's sample size)")
-    p.add_argument("--init-latents", help=".npy of (N, h, w, C) starting latents, used instead of noise")
-    p.add_argument("--save-latents", help="write the starting latents (N, h, w, C) to this .npy")
-    p.add_argument("--out", default="samples.png", help="PNG grid to write")
-    p.add_argument("--ncols", type=int, default=8, help="images per grid row")
-    p.add_argument("--scale", type=int, default=1, help="integer upscaling of each grid tile")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="compute dtype")
-    p.add_argument("--text-layer", choices=("last", "penultimate"), default=None,
+
+def build_parser() -> SugarParser:
+    p = SugarParser("rig-sample", __doc__.splitlines()[0], "configs/sample.py:default")
+    p.add_argument("--model", dest="model", help="diffusers SD folder or rig-convert orbax checkpoint")
+    p.add_argument("--prompt", dest="prompts", action="append", help="a prompt (repeatable)")
+    p.add_argument("--prompts", dest="prompts_file", help="text file, one prompt per line")
+    p.add_argument("--seed", dest="seed", type=int)
+    p.add_argument("--steps", dest="sampler.num_steps", type=int, help="DDIM steps")
+    p.add_argument("--guidance", dest="sampler.guidance_scale", type=float, help="CFG scale")
+    p.add_argument("--eta", dest="sampler.eta", type=float, help="DDIM eta (0: deterministic)")
+    p.add_argument("--batch", dest="batch", type=int, help="images per device call")
+    p.add_argument("--height", dest="height", type=int, help="pixels (default: the U-Net's sample size)")
+    p.add_argument("--width", dest="width", type=int, help="pixels (default: the U-Net's sample size)")
+    p.add_argument("--init-latents", dest="init_latents", help=".npy of (N, h, w, C) starting latents")
+    p.add_argument("--save-latents", dest="save_latents", help="write the starting latents to this .npy")
+    p.add_argument("--out", dest="out", help="PNG grid to write")
+    p.add_argument("--ncols", dest="ncols", type=int, help="images per grid row")
+    p.add_argument("--scale", dest="scale", type=int, help="integer upscaling of each grid tile")
+    p.add_argument("--dtype", dest="dtype", choices=DTYPES, help="compute dtype")
+    p.add_argument("--text-layer", dest="text_layer", choices=TEXT_LAYERS,
                    help="text-encoder layer (default: the checkpoint's, else last)")
     return p
 
 
-def read_prompts(args: argparse.Namespace) -> list[str]:
-    prompts = list(args.prompt)
-    if args.prompts:
-        if not os.path.isfile(args.prompts):
-            raise DataError(f"{args.prompts}: prompts file not found")
-        with open(args.prompts, encoding="utf-8") as f:
+def read_prompts(config: Any) -> list[str]:
+    prompts = list(config.prompts)
+    if config.prompts_file:
+        if not os.path.isfile(config.prompts_file):
+            raise DataError(f"{config.prompts_file}: prompts file not found")
+        with open(config.prompts_file, encoding="utf-8") as f:
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         raise ConfigError("no prompts: pass --prompt TEXT or --prompts FILE")
@@ -82,15 +87,30 @@ def _pad(rows: np.ndarray, size: int) -> np.ndarray:
     return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)])
 
 
-def _main(argv: Sequence[str]) -> None:
-    args = build_parser().parse_args(argv)
-    for name in ("steps", "batch", "ncols", "scale"):
-        if getattr(args, name) < 1:
-            raise ConfigError(f"--{name}: must be a positive integer, got {getattr(args, name)}")
-    if args.eta < 0:
-        raise ConfigError(f"--eta: must be >= 0, got {args.eta}")
-    prompts = read_prompts(args)
+def run(config: Any) -> None:
+    """Samples the prompts of `config` onto a PNG grid, on the mesh of `config.mesh`."""
+    for name in ("batch", "ncols", "scale"):
+        if config[name] < 1:
+            raise ConfigError(f"{name}: must be a positive integer, got {config[name]}")
+    for name in ("height", "width"):
+        if config[name] < 0:
+            raise ConfigError(f"{name}: must be positive (or 0: the U-Net's sample size), got {config[name]}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"dtype: {config.dtype!r} is not one of {', '.join(DTYPES)}")
+    if config.text_layer and config.text_layer not in TEXT_LAYERS:
+        raise ConfigError(f"text_layer: {config.text_layer!r} is not one of {', '.join(TEXT_LAYERS)}")
+    if not config.model:
+        raise ConfigError("model: required (--model DIR or --config.model=DIR)")
+    settings = SamplerSettings.from_config(config.sampler)
+    prompts = read_prompts(config)
 
+    from rig_jax.parallel import mesh_context
+
+    with mesh_context(config) as (mesh, rules):
+        _sample(config, settings, prompts, mesh, rules)
+
+
+def _sample(config: Any, settings: SamplerSettings, prompts: list[str], mesh: Any, rules: Any) -> None:
     import jax
     import jax.numpy as jnp
     from tqdm import tqdm
@@ -99,43 +119,44 @@ def _main(argv: Sequence[str]) -> None:
     from rig_jax.rig.diffuser import generate, latent_shape
     from rig_jax.weights.diffusers_pipeline import load_any_pipeline
 
-    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[args.dtype]
-    pipe, params = load_any_pipeline(args.model, dtype=dtype, text_layer=args.text_layer)
-    params = jax.device_put(params)
-    if args.init_latents:
-        init = read_init_latents(args.init_latents, len(prompts), pipe.latent_channels)
+    dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[config.dtype]
+    pipe, params = load_any_pipeline(config.model, dtype=dtype, text_layer=config.text_layer or None,
+                                     mesh=mesh, rules=rules)
+    height, width = config.height or None, config.width or None
+    if config.init_latents:
+        init = read_init_latents(config.init_latents, len(prompts), pipe.latent_channels)
     else:
-        latent_shape(pipe, 1, args.height, args.width)   # checks the size before any work
+        latent_shape(pipe, 1, height, width)   # checks the size before any work
         init = None
 
-    key = jax.random.key(args.seed)
+    key = jax.random.key(config.seed)
     images, starts = [], []
-    batch = args.batch
+    batch = config.batch
     for first in tqdm(range(0, len(prompts), batch), desc="rig-sample", unit="batch"):
         real = len(prompts[first:first + batch])
         batch_prompts = prompts[first:first + batch]
         batch_prompts += [batch_prompts[-1]] * (batch - real)
         noise_key, step_key = jax.random.split(jax.random.fold_in(key, first // batch))
         if init is None:
-            shape = latent_shape(pipe, batch, args.height, args.width)
+            shape = latent_shape(pipe, batch, height, width)
             latents = np.asarray(jax.random.normal(noise_key, shape, jnp.float32))
         else:
             latents = _pad(init[first:first + real], batch)
-        out = generate(pipe, params, batch_prompts, rng=step_key if args.eta > 0 else None,
-                       init_latents=latents, num_steps=args.steps, guidance_scale=args.guidance, eta=args.eta)
+        out = generate(pipe, params, batch_prompts, settings, rng=step_key if settings.eta > 0 else None,
+                       init_latents=latents)
         images.extend(np.asarray(out[:real]))
         starts.append(latents[:real])
 
-    save_png_grid(args.out, images, ncols=args.ncols, scale=args.scale)
-    if args.save_latents:
-        os.makedirs(os.path.dirname(os.path.abspath(args.save_latents)), exist_ok=True)
-        np.save(args.save_latents, np.concatenate(starts))
-    print(f"wrote {args.out} ({len(images)} images, {images[0].shape[1]}x{images[0].shape[0]})")
+    save_png_grid(config.out, images, ncols=config.ncols, scale=config.scale)
+    if config.save_latents:
+        os.makedirs(os.path.dirname(os.path.abspath(config.save_latents)), exist_ok=True)
+        np.save(config.save_latents, np.concatenate(starts))
+    print(f"wrote {config.out} ({len(images)} images, {images[0].shape[1]}x{images[0].shape[0]})")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`rig-sample`): bad input exits 2 with one line on stderr."""
-    run_cli(_main, sys.argv[1:] if argv is None else list(argv))
+    run_tool(run, argv, build_parser())
 
 
 if __name__ == "__main__":
