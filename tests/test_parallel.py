@@ -14,6 +14,7 @@ from rig_jax.parallel import (
     jit_step,
     logical_to_spec,
     make_mesh,
+    mesh_context,
     resolve_mesh_shape,
     rules_from_config,
     shard_batch,
@@ -126,3 +127,14 @@ def test_rules_from_config_rejects_unknown_mesh_axis():
         rules_from_config((("embed", "model"),))
     assert rules_from_config((("batch", ["data", "fsdp"]), ("x", None))) == (("batch", ("data", "fsdp")),
                                                                             ("x", None))
+
+
+def test_mesh_context_enters_the_mesh_and_the_rules(devices):
+    """Inside `mesh_context` the models' logical constraints resolve through config.mesh.rules."""
+    config = ml_collections.ConfigDict({"mesh": {"shape": (2, 2, 2), "rules": DEFAULT_RULES}})
+    with mesh_context(config) as (mesh, rules):
+        assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+        assert tuple(nn.get_logical_axis_rules()) == tuple(rules)
+        constrained = jax.jit(lambda x: nn.with_logical_constraint(x, ("batch", "mlp")))(np.ones((8, 4)))
+        assert constrained.sharding.spec == PartitionSpec(("data", "fsdp"), "tensor")
+    assert not nn.get_logical_axis_rules()
