@@ -38,3 +38,34 @@ def pytest_configure(config):
 def devices():
     assert len(jax.devices()) == 8, "conftest must force 8 CPU devices before jax starts"
     return jax.devices()
+
+
+# ---- the diffusion tests' shared pieces (test_sampler, test_inversion), built once per session ----
+
+@pytest.fixture(scope="session")
+def stand_in():
+    """(denoise_fn, params) of the small conditional conv net standing in for a U-Net."""
+    from tests.diffusion_helpers import make_stand_in
+    return make_stand_in()
+
+
+@pytest.fixture(scope="session")
+def tiny_unet(tmp_path_factory):
+    """(torch U-Net, JAX denoise_fn, params) of a tiny random diffusers U-Net read by rig_jax."""
+    from tests.diffusion_helpers import make_tiny_unet
+    return make_tiny_unet(str(tmp_path_factory.mktemp("tiny_unet")))
+
+
+@pytest.fixture(scope="module")
+def inputs(request):
+    """(latents, cond, uncond) drawn from the test module's INPUTS_SEED (default 0)."""
+    from tests.diffusion_helpers import make_inputs
+    return make_inputs(getattr(request.module, "INPUTS_SEED", 0))
+
+
+@pytest.fixture(scope="session")
+def schedule():
+    """SD 1.x's DDIM schedule."""
+    from rig_jax.diffusion import DDIMSchedule
+    from tests.diffusion_helpers import SD_SCHEDULER
+    return DDIMSchedule.from_diffusers_config(SD_SCHEDULER, "test")

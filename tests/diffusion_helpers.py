@@ -49,6 +49,23 @@ class StandInDenoiser(nn.Module):
         return nn.Conv(x.shape[-1], (3, 3))(h)
 
 
+def make_stand_in():
+    """(denoise_fn, params) of the stand-in denoiser, initialised at key 0."""
+    module = StandInDenoiser()
+    params = module.init(jax.random.key(0), jnp.zeros(LATENT_SHAPE), jnp.zeros(2, jnp.int32),
+                         jnp.zeros((2, CONTEXT_LEN, CONTEXT_DIM)))
+    return (lambda p, x, t, ctx: module.apply(p, x, t, ctx)), params
+
+
+def make_inputs(seed: int):
+    """(latents, cond, uncond): a batch of 2 NHWC latents, their contexts and one uncond context."""
+    rng = np.random.default_rng(seed)
+    latents = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
+    cond = rng.standard_normal((2, CONTEXT_LEN, CONTEXT_DIM)).astype(np.float32)
+    uncond = rng.standard_normal((1, CONTEXT_LEN, CONTEXT_DIM)).astype(np.float32)
+    return latents, cond, uncond
+
+
 def make_tiny_unet(folder: str):
     """(torch U-Net, JAX denoise_fn, params): a random diffusers U-Net saved with save_pretrained
     and read back through rig_jax's loader."""
@@ -133,8 +150,3 @@ def jax_model_fn(denoise_fn, params):
         t_batch = np.full((x.shape[0],), int(t), np.int32)
         return torch.from_numpy(np.array(call(params, x.numpy(), t_batch, context.numpy())))
     return model_fn
-
-
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    return float(np.max(np.abs(got - want)) / np.max(np.abs(want)))

@@ -2,7 +2,6 @@
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -22,39 +21,13 @@ from tests.diffusion_helpers import (
     CONTEXT_LEN,
     LATENT_SHAPE,
     SD_SCHEDULER,
-    StandInDenoiser,
     edit_settings,
     jax_model_fn,
-    make_tiny_unet,
-    rel_err,
 )
+from tests.helpers import rel_err
 
-
-@pytest.fixture(scope="module")
-def stand_in():
-    module = StandInDenoiser()
-    params = module.init(jax.random.key(0), jnp.zeros(LATENT_SHAPE), jnp.zeros(2, jnp.int32),
-                         jnp.zeros((2, CONTEXT_LEN, CONTEXT_DIM)))
-    return (lambda p, x, t, ctx: module.apply(p, x, t, ctx)), params
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    rng = np.random.default_rng(3)
-    latents = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
-    cond = rng.standard_normal((2, CONTEXT_LEN, CONTEXT_DIM)).astype(np.float32)
-    uncond = rng.standard_normal((1, CONTEXT_LEN, CONTEXT_DIM)).astype(np.float32)
-    return latents, cond, uncond
-
-
-@pytest.fixture(scope="module")
-def tiny_unet(tmp_path_factory):
-    return make_tiny_unet(str(tmp_path_factory.mktemp("tiny_unet")))
-
-
-@pytest.fixture(scope="module")
-def schedule():
-    return DDIMSchedule.from_diffusers_config(SD_SCHEDULER, "test")
+# The fixtures stand_in, tiny_unet, schedule and inputs (seeded by INPUTS_SEED) are in tests/conftest.py.
+INPUTS_SEED = 3
 
 
 @functools.cache
@@ -124,31 +97,39 @@ def test_partial_inversion_is_a_prefix_of_the_full_one(stand_in, inputs, schedul
     assert int(partial.timesteps[-1]) == int(schedule.timesteps(10)[6])
 
 
-def test_inversion_then_sampling_reconstructs_at_guidance_one(stand_in, inputs, schedule):
-    denoise_fn, params = stand_in
+def round_trip_errors(denoise_fn, params, inputs, schedule, iterations=(0, 5)):
+    """{fixed-point iterations: (relative error of 50-step inversion + guidance-1 sampling,
+    relative distance of the inverted latent from the input)}."""
     latents, cond, uncond = inputs
     invert, _, run, _ = jitted(denoise_fn)
     errors = {}
-    for iterations in (0, 5):
-        inverted = invert(params, latents, cond, uncond, schedule, num_steps=50,
-                          fixed_point_iterations=iterations)
+    for n in iterations:
+        inverted = invert(params, latents, cond, uncond, schedule, num_steps=50, fixed_point_iterations=n)
         rebuilt = run(params, inverted.latents, cond, uncond, schedule, num_steps=50, guidance_scale=1.0)
-        errors[iterations] = rel_err(rebuilt, latents)
-        assert rel_err(inverted.latents, latents) > 0.3   # the inverted latent is far from the input
+        errors[n] = (rel_err(rebuilt, latents), rel_err(inverted.latents, latents))
+    return errors
+
+
+def test_inversion_then_sampling_reconstructs_at_guidance_one(stand_in, inputs, schedule):
+    round_trip = round_trip_errors(*stand_in, inputs, schedule)
+    assert all(far > 0.3 for _, far in round_trip.values())   # the inverted latent is far from the input
+    errors = {n: err for n, (err, _) in round_trip.items()}
     # Plain DDIM inversion feeds the model the lower-noise latent; on a random model that costs
     # percents. Fixed-point refinement makes it the inverse of the sampler's step.
     assert errors[5] < 1e-3 and errors[5] < errors[0] / 20, errors
 
 
 def reconstruction_errors(denoise_fn, params, latents, cond, uncond, schedule, num_steps, guidance_scale,
-                          learning_rate=1e-2):
-    """(plain DDIM inversion MSE, null-text MSE, NullText) of a guided replay."""
+                          learning_rate=None):
+    """(plain DDIM inversion MSE, null-text MSE, NullText) of a guided replay; `learning_rate`
+    None keeps `null_text_invert`'s default."""
     invert, null_text, run, _ = jitted(denoise_fn)
     inverted = invert(params, latents, cond, uncond, schedule, num_steps=num_steps)
     plain = run(params, inverted.latents, cond, uncond, schedule, num_steps=num_steps,
                 guidance_scale=guidance_scale)
+    lr = {} if learning_rate is None else {"learning_rate": learning_rate}
     tuned = null_text(params, inverted.trajectory, cond, uncond, schedule, num_steps=num_steps,
-                      guidance_scale=guidance_scale, learning_rate=learning_rate)
+                      guidance_scale=guidance_scale, **lr)
     replay = run(params, inverted.latents, cond, tuned.uncond_embeddings, schedule, num_steps=num_steps,
                  guidance_scale=guidance_scale)
     return mse(plain, latents), mse(replay, latents), tuned
@@ -226,21 +207,24 @@ def test_edit_start_step_rejects_bad_strength():
 def test_edit_is_inversion_to_ts_then_guided_denoising(stand_in, inputs, schedule):
     denoise_fn, params = stand_in
     latents, cond, uncond = inputs
-    invert, _, run, edit = jitted(denoise_fn)
+    _, _, run, edit = jitted(denoise_fn)
     edit_cond = cond[::-1].copy()
+
+    def by_hand(fixed_point_iterations):
+        """Inversion under the prompt to step 4 of 10 (strength 0.6), then guided denoising under
+        the edit prompt."""
+        inverted = jitted(denoise_fn)[0](params, latents, cond, uncond, schedule, num_steps=10, start_step=4,
+                                         fixed_point_iterations=fixed_point_iterations)
+        return inverted, run(params, inverted.latents, edit_cond, uncond, schedule, num_steps=10,
+                             guidance_scale=7.5, start_step=4)
+
     got = edit(params, latents, cond, edit_cond, uncond, schedule, num_steps=10, strength=0.6,
                guidance_scale=7.5, inversion_guidance=1.0)
-    inverted = invert(params, latents, cond, uncond, schedule, num_steps=10, start_step=4)
-    want = run(params, inverted.latents, edit_cond, uncond, schedule, num_steps=10, guidance_scale=7.5,
-               start_step=4)
+    inverted, want = by_hand(0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     refined = edit(params, latents, cond, edit_cond, uncond, schedule, num_steps=10, strength=0.6,
                    guidance_scale=7.5, fixed_point_iterations=2)
-    inverted_refined = invert(params, latents, cond, uncond, schedule, num_steps=10, start_step=4,
-                              fixed_point_iterations=2)
-    want_refined = run(params, inverted_refined.latents, edit_cond, uncond, schedule, num_steps=10,
-                       guidance_scale=7.5, start_step=4)
-    np.testing.assert_allclose(refined, want_refined, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(refined, by_hand(2)[1], rtol=1e-5, atol=1e-5)
     unchanged = edit(params, latents, cond, edit_cond, uncond, schedule, num_steps=10, strength=0.0,
                      guidance_scale=7.5)
     np.testing.assert_array_equal(unchanged, latents)
@@ -272,14 +256,7 @@ def test_null_text_edit_replays_the_tuned_embeddings(stand_in, inputs, schedule)
 def test_unet_inversion_then_sampling_reconstructs(tiny_unet, inputs, schedule):
     """50-step inversion, then guidance-1 sampling, gives the latents back (fixed-point inversion)."""
     _, denoise_fn, params = tiny_unet
-    latents, cond, uncond = inputs
-    invert, _, run, _ = jitted(denoise_fn)
-    errors = {}
-    for iterations in (0, 5):
-        inverted = invert(params, latents, cond, uncond, schedule, num_steps=50,
-                          fixed_point_iterations=iterations)
-        rebuilt = run(params, inverted.latents, cond, uncond, schedule, num_steps=50, guidance_scale=1.0)
-        errors[iterations] = rel_err(rebuilt, latents)
+    errors = {n: err for n, (err, _) in round_trip_errors(denoise_fn, params, inputs, schedule).items()}
     # Plain inversion (what diffusers / prompt-to-prompt do) misses by tens of percent on a random
     # U-Net; five fixed-point iterations per step bring it under the 1e-3 bar.
     assert errors[5] <= 1e-3 and errors[0] > 10 * errors[5], errors
@@ -338,13 +315,16 @@ def test_unet_null_text_equals_prompt_to_prompt_reference(tiny_unet, inputs, sch
     assert rel_err(replay, want_final) < 1e-4
 
 
-def test_unet_null_text_beats_plain_inversion_under_guidance(tiny_unet, inputs, schedule):
-    """Acceptance: a guidance-7.5 replay of null-text embeddings lands >= 5x closer (MSE) than one
-    of plain DDIM inversion. At the paper's learning rate 1e-2 a random U-Net, whose guidance
-    error dwarfs a trained one's, gains ~1.5x in 10 inner steps; 1e-1 (still <= 10 steps) is used."""
+@pytest.mark.parametrize("learning_rate, gain", [(None, 1.25), (1e-1, 5.0)], ids=["default_lr", "lr_0.1"])
+def test_unet_null_text_beats_plain_inversion_under_guidance(tiny_unet, inputs, schedule, learning_rate,
+                                                             gain):
+    """Acceptance: a 10-step guidance-7.5 replay of null-text embeddings lands closer (MSE) than one
+    of plain DDIM inversion. At the default (the paper's) learning rate 1e-2 a random U-Net, whose
+    guidance error dwarfs a trained one's, gains only ~1.3x in 10 inner steps (measured 1.33x; 2.4x
+    at 50 steps); at 1e-1 (still <= 10 inner steps) >= 5x (measured 10x)."""
     _, denoise_fn, params = tiny_unet
     latents, cond, uncond = (a[:1] for a in inputs)
     plain, tuned_error, tuned = reconstruction_errors(denoise_fn, params, latents, cond, uncond, schedule, 10,
-                                                      7.5, learning_rate=1e-1)
+                                                      7.5, learning_rate=learning_rate)
     assert np.all(np.asarray(tuned.inner_steps) <= 10)
-    assert plain >= 5.0 * tuned_error, (plain, tuned_error)
+    assert plain >= gain * tuned_error, (plain, tuned_error)

@@ -6,49 +6,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rig_jax.diffusion import DDIMSchedule, ddim_step_with_logprob, guided_model_output, sample
+from rig_jax.diffusion import ddim_step_with_logprob, guided_model_output, sample
 from rig_jax.errors import ConfigError, RigError
 from tests.diffusion_helpers import (
     CONTEXT_DIM,
     CONTEXT_LEN,
     LATENT_SHAPE,
     SD_SCHEDULER,
-    StandInDenoiser,
     diffusers_loop,
     jax_model_fn,
     jitted_sample,
-    make_tiny_unet,
-    rel_err,
     torch_unet_fn,
 )
+from tests.helpers import rel_err
 
-
-@pytest.fixture(scope="module")
-def stand_in():
-    module = StandInDenoiser()
-    x = jnp.zeros(LATENT_SHAPE)
-    context = jnp.zeros((2, CONTEXT_LEN, CONTEXT_DIM))
-    params = module.init(jax.random.key(0), x, jnp.zeros(2, jnp.int32), context)
-    return (lambda p, x, t, ctx: module.apply(p, x, t, ctx)), params
-
-
-@pytest.fixture(scope="module")
-def tiny_unet(tmp_path_factory):
-    return make_tiny_unet(str(tmp_path_factory.mktemp("tiny_unet")))
-
-
-@pytest.fixture(scope="module")
-def inputs():
-    rng = np.random.default_rng(0)
-    latents = rng.standard_normal(LATENT_SHAPE).astype(np.float32)
-    cond = rng.standard_normal((2, CONTEXT_LEN, CONTEXT_DIM)).astype(np.float32)
-    uncond = rng.standard_normal((1, CONTEXT_LEN, CONTEXT_DIM)).astype(np.float32)
-    return latents, cond, uncond
-
-
-@pytest.fixture(scope="module")
-def schedule():
-    return DDIMSchedule.from_diffusers_config(SD_SCHEDULER, "test")
+# The fixtures stand_in, tiny_unet, schedule and inputs (seeded by INPUTS_SEED) are in tests/conftest.py.
+INPUTS_SEED = 0
 
 
 @pytest.mark.parametrize("guidance_rescale", [0.0, 0.7])
