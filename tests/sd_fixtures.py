@@ -17,6 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
+from tests.helpers import perturb
+
 MAX_LENGTH = 77
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 LATENT_SIZE = 8          # latents 8x8; the VAE (two blocks) doubles it to 16x16 images
@@ -70,14 +72,6 @@ def write_tokenizer(folder: str) -> int:
     return len(tokens)
 
 
-def _perturb(model: torch.nn.Module, scale: float) -> None:
-    """Moves every parameter off its initial value (ones / zeros would hide a swapped
-    norm scale and bias, or a missing bias)."""
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-
-
 def build_reference_pipeline(seed: int = 0):
     """The tiny random `StableDiffusionPipeline` (float32, eval mode, CPU)."""
     import diffusers
@@ -89,15 +83,15 @@ def build_reference_pipeline(seed: int = 0):
 
     torch.manual_seed(seed)
     unet = diffusers.UNet2DConditionModel(**UNET_KWARGS).eval()
-    _perturb(unet, 0.05)
+    perturb(unet, 0.05)
     vae = diffusers.AutoencoderKL(**VAE_KWARGS).eval()
-    _perturb(vae, 0.02)
+    perturb(vae, 0.02)
     text_config = transformers.CLIPTextConfig(
         vocab_size=vocab_size, hidden_size=CROSS_DIM, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, max_position_embeddings=MAX_LENGTH, hidden_act="quick_gelu",
         bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     text_encoder = transformers.CLIPTextModel(text_config).eval()
-    _perturb(text_encoder, 0.02)
+    perturb(text_encoder, 0.02)
     scheduler = diffusers.DDIMScheduler(**SCHEDULER_KWARGS)
     pipe = diffusers.StableDiffusionPipeline(
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,

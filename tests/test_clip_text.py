@@ -22,16 +22,12 @@ from rig_jax.weights.clip_text import (
     load_clip_text,
     save_clip_text,
 )
+from tests.helpers import STRICT_KEY_CASES, check_strict_key_case, rel_err, write_weights_variant
 
 transformers = pytest.importorskip("transformers")
 
 VOCAB, EOS, BOS, PAD, MAX_LEN = 1000, 999, 998, 1, 16
 TOLERANCE = 1e-5
-
-
-def rel_err(ours, ref) -> float:
-    ref = np.asarray(ref, np.float64)
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
 
 
 def make_reference(folder, hidden_act="quick_gelu", eos_token_id=EOS, seed=0):
@@ -174,45 +170,20 @@ def test_bfloat16_compute_stays_close(tiny):
 
 # ----------------------------------------------------------------------------- errors
 
-def _rewrite(folder, edit):
-    path = os.path.join(folder, WEIGHTS_NAME)
-    state = load_file(path)
-    edit(state)
-    save_file(state, path)
+@pytest.mark.parametrize("case", STRICT_KEY_CASES)
+def test_missing_surplus_misshaped_keys_are_named(tiny, tmp_path, case):
+    check_strict_key_case(case, tiny["nested"], str(tmp_path / case), load_clip_text,
+                          missing="text_model.encoder.layers.1.self_attn.v_proj.bias",
+                          surplus=("text_projection.weight", np.zeros((8, 32), np.float32)),
+                          misshaped=("text_model.encoder.layers.0.mlp.fc1.weight",
+                                     np.zeros((32, 32), np.float32)))
 
 
-@pytest.fixture
-def nested_copy(tiny, tmp_path):
-    folder = str(tmp_path / "copy")
-    shutil.copytree(tiny["nested"], folder)
-    return folder
-
-
-def test_missing_key_is_named(nested_copy):
-    key = "text_model.encoder.layers.1.self_attn.v_proj.bias"
-    _rewrite(nested_copy, lambda s: s.pop(key))
-    with pytest.raises(WeightsError, match=f"missing key {re.escape(key)}$"):
-        load_clip_text(nested_copy)
-
-
-def test_surplus_key_is_named(nested_copy):
-    _rewrite(nested_copy, lambda s: s.__setitem__("text_projection.weight", np.zeros((8, 32), np.float32)))
-    with pytest.raises(WeightsError, match=r"unexpected key text_projection\.weight"):
-        load_clip_text(nested_copy)
-
-
-def test_wrong_shape_is_named(nested_copy):
-    key = "text_model.encoder.layers.0.mlp.fc1.weight"
-    _rewrite(nested_copy, lambda s: s.__setitem__(key, np.zeros((32, 32), np.float32)))
-    with pytest.raises(WeightsError, match=f"key {re.escape(key)} has shape \\(32, 32\\)"):
-        load_clip_text(nested_copy)
-
-
-def test_no_text_encoder_keys_is_named(nested_copy):
-    path = os.path.join(nested_copy, WEIGHTS_NAME)
-    save_file({"vision_model.x": np.zeros(2, np.float32)}, path)
+def test_no_text_encoder_keys_is_named(tiny, tmp_path):
+    folder = write_weights_variant(tiny["nested"], str(tmp_path / "vision"), lambda s: (
+        s.clear(), s.__setitem__("vision_model.x", np.zeros(2, np.float32))))
     with pytest.raises(WeightsError, match="no CLIP text encoder keys"):
-        load_clip_text(nested_copy)
+        load_clip_text(folder)
 
 
 def test_missing_folder_is_named(tmp_path):

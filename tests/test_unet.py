@@ -27,6 +27,7 @@ from rig_jax.weights.unet import (
     unet_config_from_diffusers,
     unet_key_table,
 )
+from tests.helpers import STRICT_KEY_CASES, check_strict_key_case, perturb
 
 SD1_LIKE = dict(  # int attention_head_dim (= heads), 1x1-conv projections
     sample_size=8, block_out_channels=(32, 64), layers_per_block=2, norm_num_groups=8,
@@ -52,11 +53,7 @@ def _torch_unet(kwargs: dict, seed: int) -> diffusers.UNet2DConditionModel:
     """A seeded random diffusers U-Net whose norms and biases are perturbed too (their
     defaults, ones and zeros, would hide a mapping mistake)."""
     torch.manual_seed(seed)
-    model = diffusers.UNet2DConditionModel(**kwargs).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model
+    return perturb(diffusers.UNet2DConditionModel(**kwargs).eval(), 0.05)
 
 
 def _inputs(kwargs: dict, hw: tuple[int, int], seed: int, batch: int = 2):
@@ -177,29 +174,14 @@ def sd1_files(cases):
     return config, load_file(os.path.join(folder, "diffusion_pytorch_model.safetensors"))
 
 
-KEY = "down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight"
-
-
-def test_misshaped_key(sd1_files, tmp_path):
-    config, tensors = sd1_files
-    bad = dict(tensors)
-    bad[KEY] = np.zeros((bad[KEY].shape[0], bad[KEY].shape[1] + 1), np.float32)
-    with pytest.raises(WeightsError, match=re.escape(f"key {KEY} has shape")):
-        load_unet(_write_folder(tmp_path, config, bad))
-
-
-def test_missing_key(sd1_files, tmp_path):
-    config, tensors = sd1_files
-    bad = {k: v for k, v in tensors.items() if k != "up_blocks.0.resnets.2.conv_shortcut.bias"}
-    with pytest.raises(WeightsError, match=re.escape("missing key up_blocks.0.resnets.2.conv_shortcut.bias")):
-        load_unet(_write_folder(tmp_path, config, bad))
-
-
-def test_surplus_key(sd1_files, tmp_path):
-    config, tensors = sd1_files
-    bad = {**tensors, "mid_block.attentions.1.proj_in.weight": np.zeros((64, 64), np.float32)}
-    with pytest.raises(WeightsError, match=re.escape("unexpected key mid_block.attentions.1.proj_in.weight")):
-        load_unet(_write_folder(tmp_path, config, bad))
+@pytest.mark.parametrize("case", STRICT_KEY_CASES)
+def test_missing_surplus_misshaped_keys(cases, tmp_path, case):
+    # to_k of the 8x8 level's cross-attention is (32, 24): one input column too many
+    check_strict_key_case(case, cases["sd1"][1], str(tmp_path / case), load_unet,
+                          missing="up_blocks.0.resnets.2.conv_shortcut.bias",
+                          surplus=("mid_block.attentions.1.proj_in.weight", np.zeros((64, 64), np.float32)),
+                          misshaped=("down_blocks.0.attentions.1.transformer_blocks.0.attn2.to_k.weight",
+                                     np.zeros((32, 25), np.float32)))
 
 
 def test_unsupported_field_in_folder(sd1_files, tmp_path):

@@ -16,17 +16,13 @@ from rig_jax.errors import ConfigError, WeightsError
 from rig_jax.models.vae import CONV_NAMES, AutoencoderKL, init_params, sample_latent
 from rig_jax.parallel.rules import DEFAULT_RULES
 from rig_jax.weights.vae import WEIGHTS_NAME, load_vae, save_vae, vae_config_from_diffusers, vae_key_table
+from tests.helpers import STRICT_KEY_CASES, check_strict_key_case, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
 TINY = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
             up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64), layers_per_block=1,
             norm_num_groups=8, latent_channels=4, sample_size=16)
-
-
-def rel_err(ours, ref) -> float:
-    ref = np.asarray(ref, np.float64)
-    return float(np.abs(np.asarray(ours, np.float64) - ref).max() / np.abs(ref).max())
 
 
 def nchw(x):
@@ -190,38 +186,12 @@ def test_bfloat16_compute_stays_close(tiny):
 
 # ----------------------------------------------------------------------------- errors
 
-def _rewrite(folder, edit):
-    path = os.path.join(folder, WEIGHTS_NAME)
-    state = load_file(path)
-    edit(state)
-    save_file(state, path)
-
-
-@pytest.fixture
-def copy_folder(tiny, tmp_path):
-    folder = str(tmp_path / "copy")
-    shutil.copytree(tiny["folder"], folder)
-    return folder
-
-
-def test_missing_key_is_named(copy_folder):
-    _rewrite(copy_folder, lambda s: s.pop("decoder.up_blocks.1.resnets.0.conv_shortcut.weight"))
-    key = "decoder.up_blocks.1.resnets.0.conv_shortcut.weight"
-    with pytest.raises(WeightsError, match=f"missing key {re.escape(key)}$"):
-        load_vae(copy_folder)
-
-
-def test_surplus_key_is_named(copy_folder):
-    _rewrite(copy_folder, lambda s: s.__setitem__("encoder.extra.weight", np.zeros(3, np.float32)))
-    with pytest.raises(WeightsError, match=r"unexpected key encoder\.extra\.weight"):
-        load_vae(copy_folder)
-
-
-def test_wrong_shape_is_named(copy_folder):
-    wrong = np.zeros((32, 3, 5, 5), np.float32)
-    _rewrite(copy_folder, lambda s: s.__setitem__("encoder.conv_in.weight", wrong))
-    with pytest.raises(WeightsError, match=r"key encoder\.conv_in\.weight has shape \(32, 3, 5, 5\)"):
-        load_vae(copy_folder)
+@pytest.mark.parametrize("case", STRICT_KEY_CASES)
+def test_missing_surplus_misshaped_keys_are_named(tiny, tmp_path, case):
+    check_strict_key_case(case, tiny["folder"], str(tmp_path / case), load_vae,
+                          missing="decoder.up_blocks.1.resnets.0.conv_shortcut.weight",
+                          surplus=("encoder.extra.weight", np.zeros(3, np.float32)),
+                          misshaped=("encoder.conv_in.weight", np.zeros((32, 3, 5, 5), np.float32)))
 
 
 def test_missing_folder_and_config_are_named(tmp_path):
