@@ -132,3 +132,19 @@ def hf_rope_positions(hf, ids: np.ndarray, mask: np.ndarray, grids: np.ndarray, 
         torch.tensor(ids).long(), torch.tensor((np.asarray(ids) == image_token_id).astype(np.int64)),
         image_grid_thw=torch.tensor(grids) if len(grids) else None, attention_mask=torch.tensor(mask).long())
     return positions
+
+
+def check_config_refused(folder: str, reader: Callable[..., object], edits: dict, source: str,
+                         pattern: str) -> None:
+    """The folder's config.json with `edits` applied makes `reader(config, source=source)` raise a
+    one-line ConfigError matching `source: pattern`."""
+    import json
+
+    from rig_jax.errors import ConfigError
+
+    with open(os.path.join(folder, "config.json")) as f:
+        config = json.load(f)
+    config.update(edits)
+    with pytest.raises(ConfigError, match=f"{re.escape(source)}: {pattern}") as info:
+        reader(config, source=source)
+    assert "\n" not in str(info.value)

@@ -12,11 +12,11 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from rig_jax.errors import ConfigError, WeightsError
+from rig_jax.errors import WeightsError
 from rig_jax.models.vae import CONV_NAMES, AutoencoderKL, init_params, sample_latent
 from rig_jax.parallel.rules import DEFAULT_RULES
 from rig_jax.weights.vae import WEIGHTS_NAME, load_vae, save_vae, vae_config_from_diffusers, vae_key_table
-from tests.helpers import STRICT_KEY_CASES, check_strict_key_case, rel_err
+from tests.helpers import STRICT_KEY_CASES, check_config_refused, check_strict_key_case, rel_err
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -217,10 +217,8 @@ def test_missing_folder_and_config_are_named(tmp_path):
     ("_class_name", "AsymmetricAutoencoderKL", "field _class_name"),
 ])
 def test_unsupported_config_is_named(tiny, field, value, pattern):
-    d = json.load(open(os.path.join(tiny["folder"], "config.json")))
-    d[field] = value
-    with pytest.raises(ConfigError, match=f"vae/config.json: .*{pattern}"):
-        vae_config_from_diffusers(d, source="vae/config.json")
+    check_config_refused(tiny["folder"], vae_config_from_diffusers, {field: value}, "vae/config.json",
+                         f".*{pattern}")
 
 
 def test_shift_factor_zero_is_accepted(tiny):
