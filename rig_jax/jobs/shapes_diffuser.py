@@ -116,12 +116,16 @@ def training_text(graph: Any, rng: np.random.Generator, mix: PromptMix) -> str:
 
 def scene_dataset(world: shapes.ShapesConfig, seed: int, batch_size: int, tokenizer: Any = None,
                   mix: PromptMix | None = None) -> grain.IterDataset:
-    """Host-local batches of renders (and token ids) of scenes drawn from `(seed, index)`,
-    shuffled, endless; this host takes every process_count-th index. Scene `i` depends only on
-    `(seed, i)`, so the grain iterator's position is all a checkpoint needs."""
-    per_host = batch_size // jax.process_count()
-    if per_host * jax.process_count() != batch_size:
-        raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {jax.process_count()} hosts")
+    """Endless host-local batches of renders (and token ids) of scenes drawn from `(seed, index)`.
+
+    Indices are shuffled globally and cut into global batches of `batch_size`; host h of n
+    takes rows [h * batch_size / n, (h + 1) * batch_size / n) of each, the rows its devices
+    hold in the global array. So the global batch of a step is the same on one host or many,
+    and the grain iterator's position is all a checkpoint needs."""
+    hosts, host = jax.process_count(), jax.process_index()
+    per_host = batch_size // hosts
+    if per_host * hosts != batch_size:
+        raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {hosts} hosts")
 
     def example(index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, int(index)])
@@ -135,9 +139,12 @@ def scene_dataset(world: shapes.ShapesConfig, seed: int, batch_size: int, tokeni
             out["mask"] = np.asarray(enc["attention_mask"], np.int32)
         return out
 
-    indices = grain.MapDataset.range(2 ** 31 - 1)[jax.process_index()::jax.process_count()]
-    dataset = indices.shuffle(seed=seed).map(example).batch(per_host, drop_remainder=True)
-    return dataset.to_iter_dataset()
+    def host_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
+        rows = [example(i) for i in indices[host * per_host:(host + 1) * per_host]]
+        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+    dataset = grain.MapDataset.range(2 ** 31 - 1).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
+    return dataset.map(host_rows).to_iter_dataset()
 
 
 # ----------------------------------------------------------------------------- losses
