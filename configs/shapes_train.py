@@ -1,15 +1,18 @@
 """ShapesSG pretraining jobs for rig-train: the VAE, then the Diffuser (U-Net + text encoder).
 
-Variants: `vae`, `diffuser` (the committed models), `vae_tiny`, `diffuser_tiny` (seconds, CI).
+Variants: `vae`, `diffuser`, `actor` (the committed models), `vae_tiny`, `diffuser_tiny`,
+`actor_tiny` (seconds, CI).
     rig-train --config=configs/shapes_train.py:vae --workdir runs/shapes_vae
     rig-train --config=configs/shapes_train.py:diffuser --workdir runs/shapes_diffuser \
         --config.diffuser.vae_path=runs/shapes_vae/vae
+    rig-train --config=configs/shapes_train.py:actor --workdir runs/shapes_actor
 """
 import ml_collections
 
 from configs import common
 
-VARIANTS = ("vae", "diffuser", "vae_tiny", "diffuser_tiny")
+VARIANTS = ("vae", "diffuser", "actor", "vae_tiny", "diffuser_tiny", "actor_tiny")
+JOBS = {"vae": "pretrain_vae", "diffuser": "pretrain_diffuser", "actor": "sft_actor"}
 
 
 def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
@@ -18,7 +21,7 @@ def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
                          f"(expected {', '.join(VARIANTS)})")
     tiny = variant.endswith("_tiny")
     c = common.base()
-    c.job = "pretrain_vae" if variant.startswith("vae") else "pretrain_diffuser"
+    c.job = JOBS[variant.removesuffix("_tiny")]
     c.workdir = ""
     c.world = ml_collections.ConfigDict()
     c.world.image_size = 32
@@ -84,4 +87,54 @@ def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
     c.eval.seed = 90_001                # held out: training scenes come from (seed, index) draws
     c.eval.num_prompts = 8 if tiny else 100
     c.eval.batch_size = 8 if tiny else 50
+    if c.job == "sft_actor":
+        actor(c, tiny)
     return c
+
+
+def actor(c: ml_collections.ConfigDict, tiny: bool) -> None:
+    """The `sft_actor` job's sections: a tiny Qwen2.5-VL (0.52 M params, 32 px renders in
+    8 px patches: 4 image tokens) warm-started on (image, prompt, Checker feedback) -> edit
+    prompt; train / optimizer / step / eval replaced, the Diffuser's sections dropped."""
+    from rig_jax.data.edit_forms import ACTOR_FORMS
+
+    del c["vae"], c["diffuser"]
+    c.train.batch_size = 8 if tiny else 16
+    c.train.total_steps = 6 if tiny else 1200
+    c.train.log_every = 2 if tiny else 25
+    c.train.eval_every = 0 if tiny else 400
+    c.train.checkpoint_every = 3 if tiny else 100
+    c.optimizer.learning_rate = 3e-3
+    c.optimizer.warmup_steps = 0 if tiny else 50
+    c.optimizer.schedule = "constant" if tiny else "cosine"
+    c.optimizer.decay_steps = 0 if tiny else c.train.total_steps - c.optimizer.warmup_steps
+    c.optimizer.final_lr_fraction = 0.05
+    c.optimizer.weight_decay = 1e-2
+    c.step.ema_decay = 0.0
+
+    c.actor = ml_collections.ConfigDict()
+    c.actor.forms = ACTOR_FORMS               # answer forms, one drawn per example
+    c.actor.corruption_weights = (0.5, 0.3, 0.2)   # violate (re-placed), drop, reshape
+    c.actor.max_prompt_tokens = 160           # the question, left-padded (a 2-object world takes ~150)
+    c.actor.max_answer_tokens = 32            # the JSON answer and the end-of-turn token
+    c.actor.temperature = 1.0                 # the default sampling temperature (generation_config.json)
+    c.actor.text = ml_collections.ConfigDict()
+    c.actor.text.hidden_size = 32 if tiny else 128
+    c.actor.text.intermediate_size = 64 if tiny else 256
+    c.actor.text.num_layers = 1 if tiny else 2
+    c.actor.text.num_heads = 2 if tiny else 4
+    c.actor.text.num_kv_heads = 1 if tiny else 2
+    c.actor.text.mrope_section = (2, 3, 3) if tiny else (4, 6, 6)   # sums to head_dim / 2
+    c.actor.text.max_positions = 1024
+    c.actor.vision = ml_collections.ConfigDict()
+    c.actor.vision.patch_size = 8             # 32 px = 2 x 2 merged patches, no resampling
+    c.actor.vision.hidden_size = 32 if tiny else 64
+    c.actor.vision.intermediate_size = 64 if tiny else 128
+    c.actor.vision.depth = 1 if tiny else 2
+    c.actor.vision.num_heads = 2
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.seed = 90_002                      # held out: training examples come from (seed, index)
+    c.eval.num_inputs = 4 if tiny else 200
+    c.eval.samples = 8                        # answers per input (distinct-prompt count)
+    c.eval.batch_inputs = 4 if tiny else 25   # inputs per generate call (x samples rows)

@@ -12,6 +12,10 @@ from rig_jax.data.scene_graph import SceneGraph
 
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 EDIT_FORMS = ("restate", "move", "swap", "whole")
+# The Actor's forms: the Diffuser's four plus three more written with the same words (so the
+# text encoders' vocabularies and the Diffuser's draw over EDIT_FORMS stay as they are). With
+# one relation per prompt "restate" equals "whole"; the extra forms keep 6 distinct texts.
+ACTOR_FORMS = EDIT_FORMS + ("converse", "put", "move_object")
 
 Triplet = tuple[str, str, str]
 
@@ -34,8 +38,14 @@ def edit_text(form: str, triplets: Sequence[Triplet], prompt: str) -> str:
             clauses.append(f"move the {s} {p} the {o}")
         elif form == "swap":
             clauses.append(f"put the {o} {OPPOSITE.get(p, p)} the {s}")
+        elif form == "converse":
+            clauses.append(f"{o} {OPPOSITE.get(p, p)} {s}")
+        elif form == "put":
+            clauses.append(f"put the {s} {p} the {o}")
+        elif form == "move_object":
+            clauses.append(f"move the {o} {OPPOSITE.get(p, p)} the {s}")
         else:
-            raise ValueError(f"unknown edit form {form!r} (known: {', '.join(EDIT_FORMS)})")
+            raise ValueError(f"unknown edit form {form!r} (known: {', '.join(ACTOR_FORMS)})")
     return "; ".join(clauses)
 
 

@@ -11,10 +11,11 @@ JobBuilder = Callable[[Any, str, Any, Any], Any]
 
 
 def _registry() -> dict[str, JobBuilder]:
-    from rig_jax.jobs import shapes_diffuser
+    from rig_jax.jobs import shapes_actor, shapes_diffuser
 
     return {"pretrain_vae": shapes_diffuser.build_vae_job,
-            "pretrain_diffuser": shapes_diffuser.build_diffuser_job}
+            "pretrain_diffuser": shapes_diffuser.build_diffuser_job,
+            "sft_actor": shapes_actor.build_actor_job}
 
 
 def job_builder(name: str) -> JobBuilder:
