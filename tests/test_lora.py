@@ -36,7 +36,7 @@ VLM = Qwen25VLConfig(
     vision=VisionConfig(depth=2, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
                         patch_size=14, spatial_merge_size=2, window_size=56, fullatt_block_indexes=(1,)),
     image_token_id=IMAGE_TOKEN)
-VLM_LORA = LoRASettings(rank=4, alpha=4.0, targets=(
+VLM_LORA = LoRASettings(rank=4, alpha=12.0, targets=(
     r".*layers_\d+/self_attn/[qv]_proj/kernel", r".*mlp/down_proj/kernel",
     r"visual/blocks_\d+/attn/qkv/kernel", "lm_head"))
 
@@ -101,11 +101,11 @@ def test_zero_lora_leaves_outputs_unchanged(name):
     build, settings = MODELS[name]
     forward, _, base = build()
     lora = init_lora(base, settings, jax.random.key(1))
+    adapted = jax.jit(lambda b, lo: forward(apply_lora(b, lo, settings)))(base, lora)
+    np.testing.assert_array_equal(np.asarray(adapted), np.asarray(forward(base)))
     assert lora_paths(lora) == sorted(target_paths(base, settings))
     for path, leaf in flat(lora).items():
         assert leaf.dtype == jnp.float32 and bool(jnp.any(leaf != 0)) == path.endswith("/a"), path
-    adapted = jax.jit(lambda b, lo: forward(apply_lora(b, lo, settings)))(base, lora)
-    np.testing.assert_array_equal(np.asarray(adapted), np.asarray(forward(base)))
 
 
 def _unet_loss(lora, base, batch, rng):
@@ -146,6 +146,7 @@ def test_only_lora_leaves_receive_gradients():
 def test_merge_equals_apply(name):
     build, settings = MODELS[name]
     forward, _, base = build()
+    assert settings.scale != 1.0      # else a path that drops alpha/rank would pass
     lora = randomise_b(init_lora(base, settings, jax.random.key(1)), 4)
     merged = merge_lora(base, lora, settings)
     assert jax.tree.structure(merged) == jax.tree.structure(base)
