@@ -19,14 +19,16 @@ as they are), and the base stays in the loss's `frozen` argument, so gradients a
 optimizer moments exist for the LoRA leaves only. "Without copying the base": untargeted
 leaves pass through by reference (inside jit they are the frozen inputs themselves; eagerly,
 the same array objects), and no second base tree is ever materialised, on the host or on
-device. Only a targeted kernel gets a transient sum `W + s a @ b` inside the jitted loss,
-which XLA sizes like that one kernel; the factored form `x @ W + s (x @ a) @ b` would avoid
-even that, but needs every `dense` to know about LoRA.
+device. Only the targeted kernels get a sum `W + s a @ b`, a temporary of XLA's inside the
+jitted loss (at most the targeted kernels' size in all, and XLA may keep them live into the
+backward pass). The factored form `x @ W + s (x @ a) @ b` would avoid even that, but needs
+every `dense` to know about LoRA.
 
 Targets are regular expressions, matched whole (`re.fullmatch`) against the '/'-joined path
 of each leaf of the tree given (so `params/...` when that tree is the variables dict). A
-target leaf must be a Dense kernel (in, out) or a kernel whose leading dims are all 1 (a 1x1
-convolution, (1, 1, in, out), adapted as the Dense it is); a pattern that matches nothing,
+target leaf must be a 2-D float param (a Dense kernel (in, out); also `lm_head` or an
+embedding table) or a kernel whose leading dims are all 1 (a 1x1 convolution,
+(1, 1, in, out), adapted as the Dense it is); a pattern that matches nothing,
 or matches any other leaf (a bias, a 3x3 convolution), is a ConfigError naming the pattern.
 
 Sharding: given a base tree boxed with logical axis names (`jax.eval_shape(model.init, ...)`
