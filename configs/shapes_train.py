@@ -100,9 +100,9 @@ def actor(c: ml_collections.ConfigDict, tiny: bool) -> None:
 
     del c["vae"], c["diffuser"]
     c.train.batch_size = 8 if tiny else 16
-    c.train.total_steps = 6 if tiny else 2000
+    c.train.total_steps = 6 if tiny else 1200
     c.train.log_every = 2 if tiny else 25
-    c.train.eval_every = 0 if tiny else 1000
+    c.train.eval_every = 0 if tiny else 400
     c.train.checkpoint_every = 3 if tiny else 100
     c.optimizer.learning_rate = 3e-3
     c.optimizer.warmup_steps = 0 if tiny else 50
