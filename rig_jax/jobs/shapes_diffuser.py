@@ -231,6 +231,9 @@ def tokenizer_folder(workdir: str, world: shapes.ShapesConfig, max_length: int) 
     if not os.path.isfile(os.path.join(folder, "vocab.json")) and jax.process_index() == 0:
         labels = list(world.shapes) + [shapes.COLOUR_ONLY_LABEL]
         shapes_text.write_clip_tokenizer(folder, edit_forms.vocabulary(world.colours, labels), max_length)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("shapes tokenizer written")
     return folder
 
 
@@ -265,10 +268,18 @@ def latent_scaling_factor(vae: AutoencoderKL, params: Any, images: np.ndarray) -
     """1 / std of the posterior means over `images`: latents of unit variance, as SD's 0.18215."""
     mean, _ = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0, method=AutoencoderKL.encode))(
         params, jnp.asarray(images))
-    return float(1.0 / np.std(np.asarray(mean)))
+    return float(1.0 / np.std(gathered(mean)))
 
 
 # ----------------------------------------------------------------------------- jobs
+
+def gathered(tree: Any) -> Any:
+    """Host copies of (possibly cross-host sharded) arrays, made on every host together: the
+    ShapesSG models and their eval batches are small, and evaluation and export then run the
+    same on every host."""
+    from rig_jax.weights.mapping import to_host
+    return jax.tree.map(to_host, tree)
+
 
 def _shard_frozen(tree: Any, boxed: Any, mesh: Any, rules: Any) -> Any:
     from rig_jax.weights.placement import place_tree
@@ -289,25 +300,24 @@ def build_vae_job(config: Any, workdir: str, mesh: Any, rules: Any) -> TrainJob:
     run_vae = jax.jit(lambda p, x: vae.apply({"params": p}, x * 2.0 - 1.0))
 
     def reconstruct(params: Any, images: np.ndarray) -> np.ndarray:
-        return np.clip(np.asarray(run_vae(params, jnp.asarray(images))) / 2 + 0.5, 0, 1)
+        return np.clip(gathered(run_vae(params, jnp.asarray(images))) / 2 + 0.5, 0, 1)
 
     def export(state: TrainState) -> None:
         from rig_jax.eval.report import save_png_grid
-        from rig_jax.weights.mapping import to_host
 
-        params = jax.tree.map(to_host, state.params)
+        params = gathered(state.params)
         images = np.stack([shapes.render(s, world) for s in held_out_scenes(world, sample_seed, 256)])
         scale = latent_scaling_factor(vae, params, images)
+        grid = np.concatenate([images[:32], reconstruct(params, images[:32])])   # every host: a collective
         if jax.process_index() == 0:
             save_vae(os.path.join(workdir, "vae"), {**config_dict, "scaling_factor": scale}, params)
-            grid = np.concatenate([images[:32], reconstruct(params, images[:32])])
             save_png_grid(os.path.join(workdir, "reconstructions.png"), list(grid), ncols=16)
 
     def evaluate(state: TrainState, step: int) -> dict[str, float]:
         scenes = held_out_scenes(world, sample_seed, config.eval.num_prompts)
         images = np.stack([shapes.render(s, world) for s in scenes])
         graphs = [shapes.scene_graph(s) for s in scenes]
-        return evaluate_images(reconstruct(state.params, images), graphs, world)
+        return evaluate_images(reconstruct(gathered(state.params), images), graphs, world)
 
     return TrainJob(
         name="pretrain_vae", init_params=lambda rng: vae_init(vae, rng, world.image_size)["params"],
@@ -362,7 +372,7 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
 
     def eval_params(state: TrainState) -> dict[str, Any]:
         trained = state.ema_params if state.ema_params is not None else state.params
-        return {**trained, "vae": frozen["vae"]}
+        return gathered({**trained, "vae": frozen["vae"]})
 
     def evaluate(state: TrainState, step: int) -> dict[str, float]:
         from rig_jax.eval.report import save_png_grid
@@ -373,7 +383,7 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
             prompts = [g.prompt() for g in eval_graphs[start:start + config.eval.batch_size]]
             prompts += [prompts[-1]] * (config.eval.batch_size - len(prompts))   # one compiled shape
             rng = jax.random.fold_in(jax.random.PRNGKey(config.eval.seed), start)
-            images.append(np.asarray(generate(pipe, params, prompts, sampler, rng=rng)))
+            images.append(gathered(generate(pipe, params, prompts, sampler, rng=rng)))
         images = np.concatenate(images)[:len(eval_graphs)]
         if jax.process_index() == 0:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -382,9 +392,8 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
         return evaluate_images(images, eval_graphs, world)
 
     def export(state: TrainState) -> None:
-        from rig_jax.weights.mapping import to_host
 
-        params = jax.tree.map(to_host, eval_params(state))
+        params = eval_params(state)
         if jax.process_index() == 0:
             folder = os.path.join(workdir, "pipeline")
             save_pipeline(folder, pipe, params)

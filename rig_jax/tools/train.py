@@ -12,6 +12,8 @@ from rig_jax.config import SugarParser, run_tool
 
 
 def run(config: Any) -> dict[str, Any]:
+    import logging
+
     from rig_jax.errors import ConfigError
     from rig_jax.jobs import job_builder
     from rig_jax.parallel import mesh_context
@@ -20,6 +22,8 @@ def run(config: Any) -> dict[str, Any]:
     if not config.workdir:
         raise ConfigError("--workdir: required (where checkpoints, metrics and exports go)")
     check_workdir(config.workdir)
+    # orbax reports routine waits through absl at WARNING; the progress bar and metrics say enough
+    logging.getLogger("absl").setLevel(logging.ERROR)
     builder = job_builder(config.job)
     t = config.train
     loop = LoopSettings(total_steps=t.total_steps, log_every=t.log_every, eval_every=t.eval_every,

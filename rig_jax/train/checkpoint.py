@@ -20,9 +20,18 @@ from rig_jax.errors import ConfigError
 CHECKPOINT_DIR = "checkpoints"
 
 
+def _key_name(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """'/'-joined leaf paths -> shapes; dataclass fields, dict keys and tuple indices alike, so
+    the live state and orbax's metadata tree (plain dicts) compare."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return {jax.tree_util.keystr(path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
+    return {"/".join(_key_name(e) for e in path): tuple(getattr(leaf, "shape", ())) for path, leaf in flat}
 
 
 class TrainCheckpointer:
@@ -30,7 +39,9 @@ class TrainCheckpointer:
         self.directory = os.path.abspath(os.path.join(workdir, CHECKPOINT_DIR))
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+                    "host": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
