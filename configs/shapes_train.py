@@ -62,6 +62,8 @@ def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
 
     c.diffuser = ml_collections.ConfigDict()
     c.diffuser.vae_path = ""
+    c.diffuser.init_from = ""            # a pipeline folder whose U-Net and text encoder start the run
+    c.diffuser.export_half = not tiny     # weights written as diffusers' fp16 variant (half the size)
     c.diffuser.max_length = 32
     c.diffuser.edit_probability = 0.3    # P + ". " + e, e an Actor edit form true of the image
     c.diffuser.empty_probability = 0.1   # the unconditional prompt (classifier-free guidance)

@@ -397,12 +397,23 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
         if jax.process_index() == 0:
             folder = os.path.join(workdir, "pipeline")
             save_pipeline(folder, pipe, params)
+            if config.diffuser.export_half:
+                from rig_jax.weights.io import to_half_variant
+                for component in ("unet", "vae", "text_encoder"):
+                    to_half_variant(os.path.join(folder, component))
             write_world_file(folder, world, dict(config.diffuser.sampler),
                              {"trained_steps": int(jax.device_get(state.step)), "seed": config.seed,
                               "eval_seed": config.eval.seed, "ema": state.ema_params is not None})
 
+    def warm_start() -> dict[str, Any]:
+        from rig_jax.weights.diffusers_pipeline import load_pipeline
+
+        _, loaded = load_pipeline(config.diffuser.init_from)
+        return {"unet": loaded["unet"], "text_encoder": loaded["text_encoder"]}
+
     return TrainJob(
         name="pretrain_diffuser", init_params=init, loss_fn=diffusion_loss(pipe),
+        warm_start=warm_start if config.diffuser.init_from else None,
         optimizer=OptimizerSettings.from_config(config.optimizer), step=StepSettings(**config.step),
         dataset=lambda: scene_dataset(world, config.seed, config.train.batch_size, pipe.tokenizer, mix),
         frozen=frozen, evaluate=evaluate, export=export)

@@ -27,7 +27,7 @@ def _key_name(entry: Any) -> str:
     return str(entry)
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def leaf_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     """'/'-joined leaf paths -> shapes; dataclass fields, dict keys and tuple indices alike, so
     the live state and orbax's metadata tree (plain dicts) compare."""
     flat, _ = jax.tree_util.tree_flatten_with_path(tree)
@@ -71,7 +71,7 @@ class TrainCheckpointer:
             stored = self.manager.item_metadata(step).state
         except Exception as e:  # unreadable metadata: not a checkpoint of this kind
             raise ConfigError(f"{path}: not a readable train checkpoint ({type(e).__name__})") from None
-        have, want = _shapes(stored), _shapes(like_state)
+        have, want = leaf_shapes(stored), leaf_shapes(like_state)
         for key in sorted(set(have) | set(want)):
             if key not in have:
                 raise ConfigError(f"{path}: checkpoint of another model: it has no {key}")

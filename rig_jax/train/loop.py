@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rig_jax.errors import ConfigError, RigError
 from rig_jax.parallel.rules import LogicalRules
 from rig_jax.parallel.sharding import init_sharded, shard_batch
-from rig_jax.train.checkpoint import TrainCheckpointer
+from rig_jax.train.checkpoint import TrainCheckpointer, leaf_shapes
 from rig_jax.train.metrics import MetricsWriter
 from rig_jax.train.optimizer import OptimizerSettings, learning_rate_schedule, make_optimizer
 from rig_jax.train.state import TrainState, create_state
@@ -60,6 +60,7 @@ class TrainJob:
     dataset: Callable[[], Any]                   # () -> grain IterDataset of host-local batches
     frozen: Any = None                           # placed arrays the loss reads but never trains
     batch_axes: tuple[str | None, ...] = ("batch",)
+    warm_start: Callable[[], Any] | None = None  # () -> host params replacing the random init
     evaluate: Callable[[TrainState, int], Mapping[str, float]] | None = None
     export: Callable[[TrainState], None] | None = None
 
@@ -95,6 +96,8 @@ def init_state(job: TrainJob, seed: int, mesh: Mesh, rules: LogicalRules
     optimizer = make_optimizer(job.optimizer)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
     params, params_shardings = init_sharded(job.init_params, mesh, rules, init_rng)
+    if job.warm_start is not None:
+        params = _warm_params(job, params, params_shardings)
     use_ema = job.step.ema_decay > 0
 
     def build(p: Any) -> TrainState:
@@ -103,6 +106,16 @@ def init_state(job: TrainJob, seed: int, mesh: Mesh, rules: LogicalRules
     shardings = state_shardings(params_shardings, optimizer, jax.eval_shape(build, params), mesh)
     state = jax.jit(build, out_shardings=shardings)(params)
     return state, shardings, optimizer
+
+
+def _warm_params(job: TrainJob, fresh: Any, shardings: Any) -> Any:
+    """The warm-start params placed like the fresh ones; a tree of another shape is refused."""
+    warm = job.warm_start()
+    have, want = leaf_shapes(warm), leaf_shapes(fresh)
+    if have != want:
+        diff = sorted(set(have) ^ set(want)) or [k for k in want if have[k] != want[k]]
+        raise ConfigError(f"{job.name}: warm-start params do not fit this model (first misfit: {diff[0]})")
+    return jax.tree.map(lambda x, f, s: jax.device_put(np.asarray(x, f.dtype), s), warm, fresh, shardings)
 
 
 def _to_numpy(batch: Any) -> Any:

@@ -119,3 +119,21 @@ def write_json(obj: Mapping, path: str) -> None:
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
     os.replace(tmp, path)
+
+
+def to_half_variant(folder: str) -> str:
+    """Rewrites a model folder's single float32 weights file as diffusers' `fp16` variant
+    (`model.fp16.safetensors`, `diffusion_pytorch_model.fp16.safetensors`) and removes the
+    float32 file; the loaders read a lone variant. Halves what a small committed model weighs.
+    Returns the new file's path."""
+    plain, variants = _weight_files(folder)
+    singles = [n for n in plain if n in SINGLE_FILE_NAMES]
+    if len(singles) != 1 or variants or len(plain) != 1:
+        raise WeightsError(f"{folder}: expected exactly one single-file float32 weights file")
+    source = os.path.join(folder, singles[0])
+    tensors = _read_file(source)
+    half = {k: v.astype(np.float16) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
+    target = source[:-len("safetensors")] + "fp16.safetensors"
+    save_safetensors(half, target)
+    os.remove(source)
+    return target
