@@ -148,3 +148,25 @@ def check_config_refused(folder: str, reader: Callable[..., object], edits: dict
     with pytest.raises(ConfigError, match=f"{re.escape(source)}: {pattern}") as info:
         reader(config, source=source)
     assert "\n" not in str(info.value)
+
+
+def run_together(commands: list[list[str]], env: dict, cwd: str, timeout: float) -> list[str]:
+    """Starts every command at once (the processes of one multi-host job), waits for all, and
+    fails the test naming the first that timed out or failed; returns their logs."""
+    import subprocess
+
+    import pytest
+
+    procs = [subprocess.Popen(c, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c in commands]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=timeout)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail(f"multi-host process timed out: {' '.join(p.args[:4])} ...")
+    for p, log in zip(procs, logs, strict=True):
+        assert p.returncode == 0, log[-3000:]
+    return logs

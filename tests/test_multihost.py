@@ -1,6 +1,5 @@
 """Multi-host without a pod: 2 local processes x 4 CPU devices joined by jax.distributed."""
 import os
-import subprocess
 import sys
 
 import flax.linen as nn
@@ -10,6 +9,7 @@ import optax
 import portpicker
 import pytest
 
+from tests.helpers import run_together
 from tests.tiny_annotated import TinyAnnotatedMLP
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,20 +21,8 @@ def test_two_processes_match_single_process(tmp_path):
     outs = [str(tmp_path / f"proc{i}.npz") for i in range(2)]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"),
-                               str(i), "2", str(port), outs[i]], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=180)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-host workers timed out")
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+    run_together([[sys.executable, os.path.join(ROOT, "tests", "multihost_worker.py"), str(i), "2", str(port),
+                   outs[i]] for i in range(2)], env, ROOT, timeout=180)
 
     # single-process reference on one device
     model = TinyAnnotatedMLP()

@@ -8,6 +8,8 @@ import sys
 import portpicker
 import pytest
 
+from tests.helpers import run_together
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_train.py")
 ARGS = ["-m", "rig_jax.tools.train", "--config", f"{CONFIG}:vae_tiny", "--config.mesh.shape=(2, 4, 1)",
@@ -36,21 +38,10 @@ def test_two_processes_log_what_one_process_logs(tmp_path):
 
     multi = str(tmp_path / "multi")
     port = portpicker.pick_unused_port()
-    procs = [subprocess.Popen(
-        [sys.executable, *ARGS, "--workdir", multi, "--config.distributed.enabled=True",
-         f"--config.distributed.coordinator_address=localhost:{port}", "--config.distributed.num_processes=2",
-         f"--config.distributed.process_id={i}"],
-        cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail("multi-host train workers timed out")
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+    run_together([[sys.executable, *ARGS, "--workdir", multi, "--config.distributed.enabled=True",
+                   f"--config.distributed.coordinator_address=localhost:{port}",
+                   "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
+                  for i in range(2)], _env(4), ROOT, timeout=300)
 
     one, two = _metrics(single), _metrics(multi)
     assert [r["step"] for r in two if "loss" in r] == [1, 2, 3, 4]
