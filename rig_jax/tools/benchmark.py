@@ -10,7 +10,7 @@ Models are random-weight instances of the named shapes in configs/common.py, ini
 sharded on the mesh of `config.mesh`. `train-step` instead saves a random diffusers U-Net
 (`save_pretrained`, cached under `config.cache_dir`) that rig_jax reads with `load_unet`, and
 times both libraries' step in two worker processes, alternating (needs torch and diffusers).
-Compare GPU numbers only with ../shared/bench/peer_baseline.py run on the same card in the
+Compare GPU numbers only with the PyTorch peers' baseline (peer_baseline.py) run on the same card in the
 same session (docs/benchmarks.md records both).
 """
 from __future__ import annotations
