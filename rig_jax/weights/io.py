@@ -128,12 +128,15 @@ def to_half_variant(folder: str) -> str:
     Returns the new file's path."""
     plain, variants = _weight_files(folder)
     singles = [n for n in plain if n in SINGLE_FILE_NAMES]
-    if len(singles) != 1 or variants or len(plain) != 1:
+    if len(singles) != 1 or len(plain) != 1:
         raise WeightsError(f"{folder}: expected exactly one single-file float32 weights file")
     source = os.path.join(folder, singles[0])
+    target = source[:-len("safetensors")] + "fp16.safetensors"
+    others = [v for v in variants if v != os.path.basename(target)]
+    if others:   # the same variant from an earlier export is simply replaced
+        raise WeightsError(f"{folder}: other weight variants beside the export ({', '.join(others)})")
     tensors = _read_file(source)
     half = {k: v.astype(np.float16) if np.issubdtype(v.dtype, np.floating) else v for k, v in tensors.items()}
-    target = source[:-len("safetensors")] + "fp16.safetensors"
     save_safetensors(half, target)
     os.remove(source)
     return target
