@@ -32,6 +32,7 @@ from rig_jax.data.scene_graph import SceneGraph, Triplet
 from rig_jax.errors import ConfigError, DataError
 from rig_jax.jobs import actor_text
 from rig_jax.jobs.shapes_diffuser import world_from_config
+from rig_jax.train.data import host_global_batches
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.vlm import prompts
 from rig_jax.vlm.processor import ImageProcessorConfig, prepare_batch, smart_resize
@@ -236,18 +237,7 @@ def sft_dataset(settings: ExampleSettings, encoder: Encoder, seed: int, batch_si
     shuffled globally and cut into global batches; host h of n takes its rows of each, so a
     step's global batch is the same on one host or many, and the grain iterator's position is
     all a checkpoint needs."""
-    hosts, host = jax.process_count(), jax.process_index()
-    per_host = batch_size // hosts
-    if per_host * hosts != batch_size:
-        raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {hosts} hosts")
-
-    def host_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
-        mine = indices[host * per_host:(host + 1) * per_host]
-        rows = [encoder.encode(example_at(seed, i, settings)) for i in mine]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-    dataset = grain.MapDataset.range(2 ** 31 - 1).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
-    return dataset.map(host_rows).to_iter_dataset()
+    return host_global_batches(seed, batch_size, lambda i: encoder.encode(example_at(seed, i, settings)))
 
 
 # ----------------------------------------------------------------------------- loss

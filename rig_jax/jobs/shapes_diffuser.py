@@ -30,6 +30,7 @@ from rig_jax.errors import ConfigError
 from rig_jax.eval.scene_graph_iou import score_record
 from rig_jax.jobs import shapes_text
 from rig_jax.models.vae import AutoencoderKL, sample_latent
+from rig_jax.train.data import host_global_batches
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.weights.io import read_json, write_json
 
@@ -116,17 +117,8 @@ def training_text(graph: Any, rng: np.random.Generator, mix: PromptMix) -> str:
 
 def scene_dataset(world: shapes.ShapesConfig, seed: int, batch_size: int, tokenizer: Any = None,
                   mix: PromptMix | None = None) -> grain.IterDataset:
-    """Endless host-local batches of renders (and token ids) of scenes drawn from `(seed, index)`.
-
-    Indices are shuffled globally and cut into global batches of `batch_size`; host h of n
-    takes rows [h * batch_size / n, (h + 1) * batch_size / n) of each, the rows its devices
-    hold in the global array. So the global batch of a step is the same on one host or many,
-    and the grain iterator's position is all a checkpoint needs."""
-    hosts, host = jax.process_count(), jax.process_index()
-    per_host = batch_size // hosts
-    if per_host * hosts != batch_size:
-        raise ConfigError(f"train.batch_size: {batch_size} is not divisible by {hosts} hosts")
-
+    """Endless host-local batches of renders (and token ids) of scenes drawn from `(seed, index)`,
+    the same global batch on any number of hosts (`train.data.host_global_batches`)."""
     def example(index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, int(index)])
         scene = shapes.generate_scene(rng, world)
@@ -139,12 +131,7 @@ def scene_dataset(world: shapes.ShapesConfig, seed: int, batch_size: int, tokeni
             out["mask"] = np.asarray(enc["attention_mask"], np.int32)
         return out
 
-    def host_rows(indices: np.ndarray) -> dict[str, np.ndarray]:
-        rows = [example(i) for i in indices[host * per_host:(host + 1) * per_host]]
-        return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
-
-    dataset = grain.MapDataset.range(2 ** 31 - 1).shuffle(seed=seed).batch(batch_size, drop_remainder=True)
-    return dataset.map(host_rows).to_iter_dataset()
+    return host_global_batches(seed, batch_size, example)
 
 
 # ----------------------------------------------------------------------------- losses
@@ -220,10 +207,6 @@ def write_world_file(folder: str, world: shapes.ShapesConfig, sampler: Mapping[s
                         "shapes": list(world.shapes), "colour_only": world.is_colour_only},
               "sampler": dict(sampler), **extra}
     write_json(record, os.path.join(folder, WORLD_FILE))
-
-
-def read_world_file(folder: str) -> dict[str, Any]:
-    return read_json(os.path.join(folder, WORLD_FILE))
 
 
 def tokenizer_folder(workdir: str, world: shapes.ShapesConfig, max_length: int) -> str:

@@ -24,9 +24,9 @@ import numpy as np
 from rig_jax.config import SugarParser, run_tool
 from rig_jax.diffusion.settings import SamplerSettings
 from rig_jax.errors import ConfigError, DataError
+from rig_jax.weights.diffusers_pipeline import TEXT_LAYERS
 
 DTYPES = ("fp32", "bf16")
-TEXT_LAYERS = ("last", "penultimate")
 
 
 def build_parser() -> SugarParser:
