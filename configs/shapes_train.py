@@ -67,6 +67,9 @@ def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
     c.diffuser.max_length = 32
     c.diffuser.edit_probability = 0.3    # P + ". " + e, e an Actor edit form true of the image
     c.diffuser.empty_probability = 0.1   # the unconditional prompt (classifier-free guidance)
+    c.diffuser.timestep_power = 1.0      # t = T * u ** power: below 1 favours the noisy, layout steps
+    c.diffuser.relation_contrast = 0.0   # weight of "true prompt beats its relation-swapped form"
+    c.diffuser.contrast_temperature = 0.01
     c.diffuser.unet = ml_collections.ConfigDict()
     c.diffuser.unet.block_out_channels = (32, 32) if tiny else (64, 128)
     c.diffuser.unet.cross_attention = (True, True)

@@ -115,21 +115,37 @@ def training_text(graph: Any, rng: np.random.Generator, mix: PromptMix) -> str:
     return prompt
 
 
+def swapped_prompt(graph: Any) -> str:
+    """The prompt with every relation turned to its opposite: the same words, false of the
+    image (the hard negative of the relation contrast); empty when the graph has no relation."""
+    if not graph.relations:
+        return ""
+    flipped = tuple(dataclasses.replace(r, predicate=shapes.OPPOSITE[r.predicate]) for r in graph.relations)
+    return dataclasses.replace(graph, relations=flipped).prompt()
+
+
 def scene_dataset(world: shapes.ShapesConfig, seed: int, batch_size: int, tokenizer: Any = None,
-                  mix: PromptMix | None = None) -> grain.IterDataset:
+                  mix: PromptMix | None = None, negatives: bool = False) -> grain.IterDataset:
     """Endless host-local batches of renders (and token ids) of scenes drawn from `(seed, index)`,
-    the same global batch on any number of hosts (`train.data.host_global_batches`)."""
+    the same global batch on any number of hosts (`train.data.host_global_batches`). With
+    `negatives`, each plain prompt also carries its relation-swapped form (`neg_*`)."""
     def example(index: int) -> dict[str, np.ndarray]:
         rng = np.random.default_rng([seed, int(index)])
         scene = shapes.generate_scene(rng, world)
         out = {"image": shapes.render(scene, world).astype(np.float32)}
         if tokenizer is not None:
-            text = training_text(shapes.scene_graph(scene), rng, mix)
-            enc = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
-                            truncation=True)
-            out["ids"] = np.asarray(enc["input_ids"], np.int32)
-            out["mask"] = np.asarray(enc["attention_mask"], np.int32)
+            graph = shapes.scene_graph(scene)
+            text = training_text(graph, rng, mix)
+            out["ids"], out["mask"] = encode(text)
+            if negatives:
+                negative = swapped_prompt(graph) if text == graph.prompt() else ""
+                out["neg_ids"], out["neg_mask"] = encode(negative)
+                out["neg_valid"] = np.float32(bool(negative))
         return out
+
+    def encode(text: str) -> tuple[np.ndarray, np.ndarray]:
+        enc = tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
 
     return host_global_batches(seed, batch_size, example)
 
@@ -148,13 +164,38 @@ def vae_loss(vae: AutoencoderKL, kl_weight: float):
     return loss_fn
 
 
-def diffusion_loss(pipe: Any):
-    """MSE of the U-Net's prediction (epsilon or v, as the scheduler config says) at uniform t,
-    on latents of the frozen VAE; the text encoder trains with the U-Net."""
+@dataclasses.dataclass(frozen=True)
+class DiffusionObjective:
+    """What the Diffuser's loss weighs. `timestep_power`: t = T * u ** power with u uniform
+    (1 is uniform; below 1 draws the noisy steps more often, where the layout, and so every
+    relation of the prompt, is decided and the words are the only signal). `relation_contrast`:
+    weight of a logistic term asking the true prompt to predict the image better (lower MSE)
+    than its relation-swapped form, by about `contrast_temperature`; 0 turns it off."""
+    timestep_power: float = 1.0
+    relation_contrast: float = 0.0
+    contrast_temperature: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not self.timestep_power > 0:
+            raise ConfigError(f"diffuser.timestep_power: must be > 0, got {self.timestep_power}")
+        if self.relation_contrast < 0 or not self.contrast_temperature > 0:
+            raise ConfigError("diffuser.relation_contrast must be >= 0 and "
+                              "diffuser.contrast_temperature > 0")
+
+
+def diffusion_loss(pipe: Any, objective: DiffusionObjective = DiffusionObjective()):
+    """MSE of the U-Net's prediction (epsilon or v, as the scheduler config says) on latents of
+    the frozen VAE, plus the optional relation contrast; the text encoder trains with the U-Net."""
     from rig_jax.rig.diffuser import text_embeddings
 
     schedule = pipe.schedule
     prediction = pipe.configs["scheduler"].get("prediction_type", "epsilon")
+
+    def per_example_mse(params: Any, zt: jax.Array, t: jax.Array, ids: jax.Array, mask: jax.Array,
+                        target: jax.Array) -> jax.Array:
+        context = text_embeddings(pipe, params["text_encoder"], ids, mask)
+        out = pipe.unet.apply({"params": params["unet"]}, zt.astype(pipe.unet.dtype), t, context)
+        return jnp.mean(jnp.square(out.astype(jnp.float32) - target), axis=(1, 2, 3))
 
     def loss_fn(params: Any, frozen: Any, batch: Mapping[str, jax.Array], rng: jax.Array):
         t_rng, n_rng, z_rng = jax.random.split(rng, 3)
@@ -162,15 +203,25 @@ def diffusion_loss(pipe: Any):
         mean, logvar = pipe.vae.apply({"params": frozen["vae"]}, x, method=AutoencoderKL.encode)
         z0 = jax.lax.stop_gradient(sample_latent(mean, logvar, z_rng)) * pipe.vae_config.scaling_factor
         b = z0.shape[0]
-        t = jax.random.randint(t_rng, (b,), 0, schedule.num_train_timesteps)
+        u = jax.random.uniform(t_rng, (b,)) ** objective.timestep_power
+        t = jnp.minimum((u * schedule.num_train_timesteps).astype(jnp.int32),
+                        schedule.num_train_timesteps - 1)
         noise = jax.random.normal(n_rng, z0.shape, jnp.float32)
         abar = schedule.alphas_cumprod[t][:, None, None, None]
         zt = jnp.sqrt(abar) * z0 + jnp.sqrt(1.0 - abar) * noise
-        context = text_embeddings(pipe, params["text_encoder"], batch["ids"], batch["mask"])
-        out = pipe.unet.apply({"params": params["unet"]}, zt.astype(pipe.unet.dtype), t, context)
         target = noise if prediction == "epsilon" else jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * z0
-        loss = jnp.mean(jnp.square(out.astype(jnp.float32) - target))
-        return loss, {}
+        mse = per_example_mse(params, zt, t, batch["ids"], batch["mask"], target)
+        loss = jnp.mean(mse)
+        if not objective.relation_contrast:
+            return loss, {}
+        negative = per_example_mse(params, zt, t, batch["neg_ids"], batch["neg_mask"], target)
+        tau = objective.contrast_temperature
+        valid = batch["neg_valid"]
+        margin = (mse - negative) / tau
+        contrast = tau * jnp.sum(valid * jax.nn.softplus(margin)) / jnp.maximum(jnp.sum(valid), 1.0)
+        won = jnp.sum(valid * (margin < 0)) / jnp.maximum(jnp.sum(valid), 1.0)
+        return loss + objective.relation_contrast * contrast, {"mse": loss, "contrast": contrast,
+                                                               "contrast_won": won}
     return loss_fn
 
 
@@ -344,6 +395,8 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
     pipe = new_pipeline(configs, tok_dir, os.path.join(workdir, "pipeline"))
     frozen = {"vae": _shard_frozen(vae_params, vae_boxed_params(pipe.vae), mesh, rules)}
     mix = PromptMix(config.diffuser.edit_probability, config.diffuser.empty_probability)
+    objective = DiffusionObjective(config.diffuser.timestep_power, config.diffuser.relation_contrast,
+                                   config.diffuser.contrast_temperature)
     sampler = SamplerSettings.from_config(config.diffuser.sampler, "diffuser.sampler")
     eval_scenes = held_out_scenes(world, config.eval.seed, config.eval.num_prompts)
     eval_graphs = [shapes.scene_graph(s) for s in eval_scenes]
@@ -395,8 +448,9 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
         return {"unet": loaded["unet"], "text_encoder": loaded["text_encoder"]}
 
     return TrainJob(
-        name="pretrain_diffuser", init_params=init, loss_fn=diffusion_loss(pipe),
+        name="pretrain_diffuser", init_params=init, loss_fn=diffusion_loss(pipe, objective),
         warm_start=warm_start if config.diffuser.init_from else None,
         optimizer=OptimizerSettings.from_config(config.optimizer), step=StepSettings(**config.step),
-        dataset=lambda: scene_dataset(world, config.seed, config.train.batch_size, pipe.tokenizer, mix),
+        dataset=lambda: scene_dataset(world, config.seed, config.train.batch_size, pipe.tokenizer, mix,
+                                      negatives=objective.relation_contrast > 0),
         frozen=frozen, evaluate=evaluate, export=export)

@@ -63,6 +63,11 @@ class TrainJob:
     warm_start: Callable[[], Any] | None = None  # () -> host params replacing the random init
     evaluate: Callable[[TrainState, int], Mapping[str, float]] | None = None
     export: Callable[[TrainState], None] | None = None
+    # RL jobs: (state, the dataset's batch, step) -> (minibatches, host metrics). The state's
+    # params at the call are pi_old; each minibatch is one update, and the next rollout waits
+    # until all are used (checkpoints fall between rollouts, so a resume replays none of them).
+    rollout: Callable[[TrainState, Any, int], tuple[list[Any], Mapping[str, float]]] | None = None
+    host_state: dict[str, Any] | None = None     # the job's host-side statistics, checkpointed
 
 
 def check_workdir(workdir: str) -> None:
@@ -136,6 +141,8 @@ def run_training(job: TrainJob, settings: LoopSettings, workdir: str, mesh: Mesh
     if start is not None:
         state, data_state, host = checkpointer.restore(start, state)
         data_iter.set_state(data_state)
+        if job.host_state is not None:
+            job.host_state.update(host.get("job", {}))
     start = int(start or 0)
     writer = MetricsWriter(workdir, settings.total_steps, start, settings.progress)
     schedule = learning_rate_schedule(job.optimizer)
@@ -150,11 +157,34 @@ def run_training(job: TrainJob, settings: LoopSettings, workdir: str, mesh: Mesh
     last: dict[str, Any] = {}
     wall0, cpu0 = time.perf_counter(), time.process_time()
 
+    pending: list[Any] = []              # minibatches of the current rollout still to train on
+    rollout_metrics: dict[str, Any] = {}
+    save_due = False
+
     def host_stats() -> dict[str, Any]:
-        return {**host, "wall_seconds": host["wall_seconds"] + time.perf_counter() - wall0,
-                "cpu_seconds": host["cpu_seconds"] + time.process_time() - cpu0}
+        stats = {**host, "wall_seconds": host["wall_seconds"] + time.perf_counter() - wall0,
+                 "cpu_seconds": host["cpu_seconds"] + time.process_time() - cpu0}
+        if job.host_state is not None:
+            stats["job"] = dict(job.host_state)
+        return stats
+
+    def next_batch(step: int) -> Any:
+        nonlocal pending, rollout_metrics
+        raw = next(data_iter) if job.rollout is None or not pending else None
+        if job.rollout is not None and not pending:
+            batches, metrics = job.rollout(state, raw, step)
+            pending, rollout_metrics = list(batches), dict(metrics)
+            if not pending:
+                raise TrainingError(f"{job.name}: the rollout at step {step} gave no minibatch")
+        batch = pending.pop(0) if job.rollout is not None else raw
+        return shard_batch(_to_numpy(batch), mesh, rules, job.batch_axes)
 
     def save(step: int) -> None:
+        nonlocal save_due
+        if pending:                      # mid-rollout: wait for its last minibatch
+            save_due = True
+            return
+        save_due = False
         if checkpointer.latest_step() == step:
             return
         host["last_good_checkpoint"] = checkpointer.path(step)
@@ -165,7 +195,7 @@ def run_training(job: TrainJob, settings: LoopSettings, workdir: str, mesh: Mesh
 
     try:
         for step in range(start + 1, settings.total_steps + 1):
-            batch = shard_batch(_to_numpy(next(data_iter)), mesh, rules, job.batch_axes)
+            batch = next_batch(step)
             if compiled is None:
                 batch_shardings = jax.tree.map(lambda x: x.sharding, batch)
                 frozen_shardings = jax.tree.map(lambda x: x.sharding, job.frozen)
@@ -179,14 +209,17 @@ def run_training(job: TrainJob, settings: LoopSettings, workdir: str, mesh: Mesh
                         f"{job.name}: {int(metrics['bad_steps'])} non-finite steps in a row at step {step} "
                         f"(train.max_bad_steps={settings.max_bad_steps}); last good checkpoint: "
                         f"{host['last_good_checkpoint'] or 'none (no checkpoint yet)'}")
-                last = writer.write(step, {**metrics, "wall_seconds": host_stats()["wall_seconds"]})
+                last = writer.write(step, {**metrics, **rollout_metrics,
+                                           "wall_seconds": host_stats()["wall_seconds"]})
                 writer.progress(step, float(metrics["loss"]))
             if job.evaluate is not None and settings.eval_every and step % settings.eval_every == 0:
                 last.update(evaluate(step))
-            if step % settings.checkpoint_every == 0 and int(jax.device_get(state.bad_steps)) == 0:
+            due = save_due or step % settings.checkpoint_every == 0
+            if due and int(jax.device_get(state.bad_steps)) == 0:
                 save(step)
         final = settings.total_steps
         if int(jax.device_get(state.step)) >= final:
+            pending.clear()      # the RL jobs refuse a total not a whole number of rollouts
             save(final)
             checkpointer.wait()
         if job.evaluate is not None and (not settings.eval_every or final % settings.eval_every):
