@@ -28,10 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.data import edit_forms, shapes
-from rig_jax.data.scene_graph import SceneGraph, Triplet
+from rig_jax.data.scene_graph import Triplet
 from rig_jax.errors import ConfigError, DataError
 from rig_jax.jobs import actor_text
 from rig_jax.jobs.shapes_diffuser import world_from_config
+from rig_jax.rig.checker import checker_verdicts
 from rig_jax.train.data import host_global_batches
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.vlm import prompts
@@ -45,28 +46,6 @@ CORRUPTIONS = ("violate", "drop", "reshape")
 DROP_ALL_PROBABILITY = 0.2    # a "drop" corruption removes every object (an empty canvas) this often
 CORPUS_EXAMPLES = 400         # examples whose texts train the tokenizer's merges
 PLACEMENT_TRIES = 50
-
-
-# ----------------------------------------------------------------------------- the Checker
-
-def checker_verdicts(image: np.ndarray, graph: SceneGraph, world: shapes.ShapesConfig
-                     ) -> prompts.CheckerVerdicts:
-    """The ShapesSG Checker's answer for `image` against the prompt's `graph`: per triplet
-    (attribute form) "object missing" when its subject or object node (colour and shape) is
-    not detected, "satisfied" when the detector reads the triplet, else "violated"; the scene
-    graph is what the detector reads for the prompt's pairs."""
-    found = shapes.graph_from_objects(shapes.detect_objects(image, world), world, graph)
-    shown = set(found.triplets(with_attributes=True))
-    present = set(found.objects(with_attributes=True))
-    verdicts = []
-    for s, p, o in graph.triplets(with_attributes=True):
-        if s not in present or o not in present:
-            verdicts.append(prompts.Verdict.MISSING)
-        elif (s, p, o) in shown:
-            verdicts.append(prompts.Verdict.SATISFIED)
-        else:
-            verdicts.append(prompts.Verdict.VIOLATED)
-    return prompts.CheckerVerdicts(tuple(verdicts), tuple(found.triplets(with_attributes=True)))
 
 
 # ----------------------------------------------------------------------------- examples
