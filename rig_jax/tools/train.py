@@ -15,15 +15,77 @@ def run(config: Any) -> dict[str, Any]:
     import logging
 
     from rig_jax.errors import ConfigError
-    from rig_jax.jobs import job_builder
-    from rig_jax.parallel import mesh_context
-    from rig_jax.train.loop import LoopSettings, check_workdir, run_training
+    from rig_jax.jobs import STAGED
+    from rig_jax.train.loop import check_workdir
 
     if not config.workdir:
         raise ConfigError("--workdir: required (where checkpoints, metrics and exports go)")
     check_workdir(config.workdir)
     # orbax reports routine waits through absl at WARNING; the progress bar and metrics say enough
     logging.getLogger("absl").setLevel(logging.ERROR)
+    if config.job in STAGED:
+        return run_stages(config, STAGED[config.job])
+    return run_job(config)
+
+
+STAGE_EXPORTS = {"grpo_actor": "actor/config.json", "grpo_editor": "editor/model_index.json"}
+
+
+def stage_config(config: Any, name: str, earlier: dict[str, str]) -> Any:
+    """The shared config with `config.stages.<name>` merged over it, the job and workdir set,
+    and stage 2 pointed at stage 1's Actor."""
+    import os
+
+    from rig_jax.errors import ConfigError
+
+    stage = config.copy_and_resolve_references()
+    overrides = config.stages.get(name)
+    if overrides is None:
+        raise ConfigError(f"stages.{name}: missing (the per-stage fields of job {config.job})")
+    _merge(stage, overrides.to_dict(), f"stages.{name}")
+    with stage.unlocked():
+        del stage["stages"]
+        stage.job = name
+        stage.workdir = os.path.join(config.workdir, name)
+        if name == "grpo_editor" and "grpo_actor" in earlier:
+            stage.actor.path = os.path.join(earlier["grpo_actor"], "actor")
+    return stage
+
+
+def _merge(config: Any, fields: dict[str, Any], where: str) -> None:
+    from rig_jax.errors import ConfigError
+
+    for key, value in fields.items():
+        if key not in config:
+            raise ConfigError(f"{where}.{key}: not a field of the config")
+        if isinstance(value, dict):
+            _merge(config[key], value, f"{where}.{key}")
+        else:
+            config[key] = value
+
+
+def run_stages(config: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """Each stage in order in `<workdir>/<stage>`; a stage whose export is already there is
+    skipped (a second run resumes where the first stopped)."""
+    import os
+
+    done: dict[str, str] = {}
+    last: dict[str, Any] = {}
+    for name in names:
+        stage = stage_config(config, name, done)
+        if os.path.isfile(os.path.join(stage.workdir, STAGE_EXPORTS[name])):
+            print(f"{name}: finished earlier ({stage.workdir}), skipped")
+        else:
+            last = {f"{name}/{k}": v for k, v in run_job(stage).items()}
+        done[name] = stage.workdir
+    return last
+
+
+def run_job(config: Any) -> dict[str, Any]:
+    from rig_jax.jobs import job_builder
+    from rig_jax.parallel import mesh_context
+    from rig_jax.train.loop import LoopSettings, run_training
+
     builder = job_builder(config.job)
     t = config.train
     loop = LoopSettings(total_steps=t.total_steps, log_every=t.log_every, eval_every=t.eval_every,

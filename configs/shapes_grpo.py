@@ -1,0 +1,161 @@
+"""Reflection-GRPO on ShapesSG for rig-train, from the committed pretrained models.
+
+Variants: `actor` (stage 1), `editor` (stage 2), `reflection` (both in order: stage 2 uses
+stage 1's Actor), and `*_tiny` of each (seconds to minutes, CI).
+    rig-train --config=configs/shapes_grpo.py:actor --workdir runs/grpo_actor
+    rig-train --config=configs/shapes_grpo.py:editor --workdir runs/grpo_editor \
+        --config.actor.path=runs/grpo_actor/actor
+    rig-train --config=configs/shapes_grpo.py:reflection --workdir runs/grpo
+"""
+import ml_collections
+
+from configs import common
+
+VARIANTS = ("actor", "editor", "reflection")
+JOBS = {"actor": "grpo_actor", "editor": "grpo_editor", "reflection": "reflection_grpo"}
+PRETRAINED = "pretrained/shapes_sg"
+
+
+def get_config(variant: str = "actor") -> ml_collections.ConfigDict:
+    base_variant = variant.removesuffix("_tiny")
+    if base_variant not in VARIANTS:
+        raise ValueError(f"configs/shapes_grpo.py: unknown variant {variant!r} (expected one of "
+                         f"{', '.join(VARIANTS)}, each also as <name>_tiny)")
+    tiny = variant.endswith("_tiny")
+    c = common.base()
+    c.job = JOBS[base_variant]
+    c.workdir = ""
+
+    c.world = ml_collections.ConfigDict()      # the world the pretrained models were trained on
+    c.world.image_size = 32
+    c.world.min_objects = 2
+    c.world.max_objects = 2
+    c.world.colours = ("red", "green", "blue", "yellow", "magenta", "cyan")
+    c.world.shapes = ("circle", "square", "triangle")
+
+    c.prompts = ml_collections.ConfigDict()
+    c.prompts.source = "shapes"                # shapes | laion_sg
+    c.prompts.eval_seed = 90_003               # held out: training prompts come from (seed, index)
+    c.prompts.data_dir = ""                    # laion_sg: the tfds build folder
+    c.prompts.split = "train"
+    c.prompts.eval_split = "test"
+
+    c.diffuser = ml_collections.ConfigDict()
+    c.diffuser.path = f"{PRETRAINED}/diffuser"
+    c.diffuser.dtype = "fp32"
+    c.diffuser.sampler = common.sampler()
+    c.diffuser.sampler.num_steps = 10 if tiny else 20     # the pretrained model's shapes_config.json
+    c.diffuser.sampler.guidance_scale = 3.0
+
+    c.editor = common.editor()
+    c.editor_weights = ""                      # a pipeline folder (stage 2's export); empty: the Diffuser's
+    c.editor.sampler.num_steps = 10 if tiny else 20
+    c.editor.sampler.guidance_scale = 3.0
+
+    c.checker = ml_collections.ConfigDict()
+    c.checker.kind = "shapes"                  # shapes (the pixel detector) | vlm
+    c.checker.path = ""
+    c.checker.dtype = "fp32"
+    c.checker.max_new_tokens = 256
+    c.checker.batch_size = 8
+    c.checker.pad_to_multiple_of = 16
+
+    c.judge = ml_collections.ConfigDict()      # only built when rl.reward = judge
+    c.judge.kind = "shapes"
+    c.judge.path = ""
+    c.judge.dtype = "fp32"
+    c.judge.max_new_tokens = 384
+    c.judge.batch_size = 8
+
+    c.actor = ml_collections.ConfigDict()
+    c.actor.path = f"{PRETRAINED}/actor"
+    c.actor.dtype = "fp32"
+    c.actor.temperature = 0.0                  # <= 0: the folder's generation_config.json
+    c.actor.max_new_tokens = 32
+    c.actor.max_words = 40
+
+    c.rl = ml_collections.ConfigDict()
+    c.rl.prompts_per_rollout = 2 if tiny else 8
+    c.rl.group_size = 4 if tiny else 8
+    c.rl.candidates = 4 if tiny else 16
+    c.rl.minibatches = 2
+    c.rl.epochs = 1
+    c.rl.advantage = "grpo"
+    c.rl.advantage_clip = 5.0
+    c.rl.advantage_eps = 1e-4
+    c.rl.format_weight = 0.1
+    c.rl.clip_epsilon = 0.2                    # stage 1 ratio clip
+    c.rl.aggregation = "token"
+    c.rl.clip_range = 1e-4                     # stage 2 ratio clip
+    c.rl.timestep_fraction = 0.6
+    c.rl.actor_greedy = False                  # stage 2: the Actor's edit prompt sampled at tau
+    c.rl.lora = ml_collections.ConfigDict()
+    c.rl.lora.enabled = False
+    c.rl.lora.rank = 4
+    c.rl.lora.alpha = 4.0
+    c.rl.lora.targets = ()                     # per stage (stage_fields): the VLM's or the U-Net's attention
+    stage(c, "actor" if base_variant != "editor" else "editor")
+
+    c.loop = ml_collections.ConfigDict()
+    c.loop.max_rounds = 2 if tiny else 3
+    c.loop.final = "last"
+
+    c.train = ml_collections.ConfigDict()
+    c.train.total_steps = 4 if tiny else 120
+    c.train.log_every = 1
+    c.train.eval_every = 0 if tiny else 40
+    c.train.checkpoint_every = 2 if tiny else 10
+    c.train.keep_checkpoints = 2
+    c.train.max_bad_steps = 5
+    c.train.progress = not tiny
+
+    c.step = ml_collections.ConfigDict()
+    c.step.compute_dtype = "float32"
+    c.step.ema_decay = 0.0
+
+    c.eval = ml_collections.ConfigDict()
+    c.eval.seed = 90_003
+    c.eval.num_prompts = 4 if tiny else 64
+    c.eval.batch_size = 4 if tiny else 16
+
+    if base_variant == "reflection":
+        # per-stage overrides, applied in order by rig-train (stage 2 reads stage 1's Actor)
+        c.stages = ml_collections.ConfigDict()
+        c.stages.grpo_actor = ml_collections.ConfigDict(stage_fields("actor"))
+        c.stages.grpo_editor = ml_collections.ConfigDict(stage_fields("editor"))
+    return c
+
+
+def stage_fields(name: str) -> dict:
+    """What differs between the stages (nested like the config): the loss, the reward, the KL
+    weight, the editor's eta and the learning rate."""
+    if name == "actor":
+        return {"rl": {"loss": "grpo_token", "reward": "checker_delta", "kl_beta": 0.04,
+                       "lora": {"targets": (r".*self_attn/[qkvo]_proj/kernel",)}},
+                "editor": {"sampler": {"eta": 0.0}}, "optimizer": {"learning_rate": 1e-4}}
+    return {"rl": {"loss": "ppo_diffusion", "reward": "checker_score", "kl_beta": 0.01,
+                   "lora": {"targets": (r".*attn[12]/to_(q|k|v|out_0)/kernel",)}},
+            "editor": {"sampler": {"eta": 1.0}}, "optimizer": {"learning_rate": 3e-5}}
+
+
+def merge(c: ml_collections.ConfigDict, fields: dict) -> None:
+    """Writes nested `fields` into `c` (every key must already exist there)."""
+    for key, value in fields.items():
+        if isinstance(value, dict):
+            merge(c[key], value)
+        else:
+            c[key] = value
+
+
+def stage(c: ml_collections.ConfigDict, name: str) -> None:
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.learning_rate = 1e-4
+    c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = "constant"
+    c.optimizer.weight_decay = 0.0
+    c.optimizer.clip_norm = 1.0
+    c.optimizer.accumulate_steps = 1
+    c.rl.loss = ""
+    c.rl.reward = ""
+    c.rl.kl_beta = 0.0
+    merge(c, stage_fields(name))
