@@ -70,6 +70,7 @@ def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
     c.diffuser.timestep_power = 1.0      # t = T * u ** power: below 1 favours the noisy, layout steps
     c.diffuser.relation_contrast = 0.0   # weight of "true prompt beats its relation-swapped form"
     c.diffuser.contrast_temperature = 0.01
+    c.diffuser.binding_weight = 0.0      # the text encoder's relation-binding contrast (a training aid)
     c.diffuser.unet = ml_collections.ConfigDict()
     c.diffuser.unet.block_out_channels = (32, 32) if tiny else (64, 128)
     c.diffuser.unet.cross_attention = (True, True)

@@ -20,6 +20,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+import flax.linen as nn
 import grain
 import jax
 import jax.numpy as jnp
@@ -170,14 +171,24 @@ class DiffusionObjective:
     (1 is uniform; below 1 draws the noisy steps more often, where the layout, and so every
     relation of the prompt, is decided and the words are the only signal). `relation_contrast`:
     weight of a logistic term asking the true prompt to predict the image better (lower MSE)
-    than its relation-swapped form, by about `contrast_temperature`; 0 turns it off."""
+    than its relation-swapped form, by about `contrast_temperature`; 0 turns it off.
+    `binding_weight`: weight of the text encoder's relation-binding contrast (`binding_logits`:
+    a small image encoder must tell the true prompt from its relation-swapped form, as a
+    CLIP with hard negatives would; the export drops the image encoder); 0 turns it off."""
     timestep_power: float = 1.0
     relation_contrast: float = 0.0
     contrast_temperature: float = 0.01
+    binding_weight: float = 0.0
+
+    @property
+    def negatives(self) -> bool:
+        return self.relation_contrast > 0 or self.binding_weight > 0
 
     def __post_init__(self) -> None:
         if not self.timestep_power > 0:
             raise ConfigError(f"diffuser.timestep_power: must be > 0, got {self.timestep_power}")
+        if self.binding_weight < 0:
+            raise ConfigError(f"diffuser.binding_weight: must be >= 0, got {self.binding_weight}")
         if self.relation_contrast < 0 or not self.contrast_temperature > 0:
             raise ConfigError("diffuser.relation_contrast must be >= 0 and "
                               "diffuser.contrast_temperature > 0")
@@ -212,17 +223,68 @@ def diffusion_loss(pipe: Any, objective: DiffusionObjective = DiffusionObjective
         target = noise if prediction == "epsilon" else jnp.sqrt(abar) * noise - jnp.sqrt(1.0 - abar) * z0
         mse = per_example_mse(params, zt, t, batch["ids"], batch["mask"], target)
         loss = jnp.mean(mse)
+        aux: dict[str, jax.Array] = {}
+        if objective.binding_weight:
+            positive, negative = binding_logits(pipe, params, batch)
+            valid = batch["neg_valid"]
+            count = jnp.maximum(jnp.sum(valid), 1.0)
+            binding = jnp.sum(valid * jax.nn.softplus(negative - positive)) / count
+            loss = loss + objective.binding_weight * binding
+            aux["binding"] = binding
+            aux["binding_accuracy"] = jnp.sum(valid * (positive > negative)) / count
         if not objective.relation_contrast:
-            return loss, {}
+            return loss, {"mse": jnp.mean(mse), **aux} if aux else {}
         negative = per_example_mse(params, zt, t, batch["neg_ids"], batch["neg_mask"], target)
         tau = objective.contrast_temperature
         valid = batch["neg_valid"]
         margin = (mse - negative) / tau
         contrast = tau * jnp.sum(valid * jax.nn.softplus(margin)) / jnp.maximum(jnp.sum(valid), 1.0)
         won = jnp.sum(valid * (margin < 0)) / jnp.maximum(jnp.sum(valid), 1.0)
-        return loss + objective.relation_contrast * contrast, {"mse": loss, "contrast": contrast,
-                                                               "contrast_won": won}
+        return loss + objective.relation_contrast * contrast, {"mse": jnp.mean(mse), "contrast": contrast,
+                                                               "contrast_won": won, **aux}
     return loss_fn
+
+
+class BindingImageEncoder(nn.Module):
+    """A small conv net reading a render into one vector (position kept: no global pooling)."""
+    width: int
+
+    @nn.compact
+    def __call__(self, images: jax.Array) -> jax.Array:
+        x = images * 2.0 - 1.0
+        for channels in (32, 64, 64):
+            x = nn.relu(nn.Conv(channels, (3, 3), strides=2)(x))
+        return nn.Dense(self.width)(x.reshape(x.shape[0], -1))
+
+
+def pooled_text(pipe: Any, params: Any, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """The text encoder's mean token embedding, projected: word order is gone from a mean, so
+    telling "A left of B" from "A right of B" needs each object's token to carry its role."""
+    from rig_jax.rig.diffuser import text_embeddings
+
+    tokens = text_embeddings(pipe, params["text_encoder"], ids, mask)
+    weights = mask.astype(jnp.float32)[..., None]
+    pooled = jnp.sum(tokens * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    return pooled @ params["binding"]["projection"]
+
+
+def binding_logits(pipe: Any, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Image-text scores of the true prompt and of its relation-swapped form (B,) each."""
+    image = BindingImageEncoder(pipe.text_config.hidden_size).apply(
+        {"params": params["binding"]["image"]}, batch["image"])
+    positive = jnp.sum(image * pooled_text(pipe, params, batch["ids"], batch["mask"]), axis=-1)
+    negative = jnp.sum(image * pooled_text(pipe, params, batch["neg_ids"], batch["neg_mask"]), axis=-1)
+    return positive, negative
+
+
+def binding_init(width: int, image_size: int, rng: jax.Array) -> dict[str, Any]:
+    image_rng, projection_rng = jax.random.split(rng)
+    image = BindingImageEncoder(width).init(image_rng, jnp.zeros((1, image_size, image_size, 3)))["params"]
+    projection = 0.01 * jax.random.normal(projection_rng, (width, width), jnp.float32)
+    return {"image": image, "projection": projection}
+
+
+TRAINING_AIDS = ("binding",)      # trained with the Diffuser, never exported
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -396,18 +458,25 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
     frozen = {"vae": _shard_frozen(vae_params, vae_boxed_params(pipe.vae), mesh, rules)}
     mix = PromptMix(config.diffuser.edit_probability, config.diffuser.empty_probability)
     objective = DiffusionObjective(config.diffuser.timestep_power, config.diffuser.relation_contrast,
-                                   config.diffuser.contrast_temperature)
+                                   config.diffuser.contrast_temperature, config.diffuser.binding_weight)
     sampler = SamplerSettings.from_config(config.diffuser.sampler, "diffuser.sampler")
     eval_scenes = held_out_scenes(world, config.eval.seed, config.eval.num_prompts)
     eval_graphs = [shapes.scene_graph(s) for s in eval_scenes]
 
+    def training_aids() -> dict[str, Any]:
+        if not objective.binding_weight:
+            return {}
+        return {"binding": binding_init(pipe.text_config.hidden_size, world.image_size,
+                                        jax.random.PRNGKey(config.seed + 1))}
+
     def init(rng: jax.Array) -> dict[str, Any]:
         u_rng, t_rng = jax.random.split(rng)
-        return {"unet": pipe.unet.init(u_rng, *example_inputs(pipe.unet_config))["params"],
+        return {**training_aids(), "unet": pipe.unet.init(u_rng, *example_inputs(pipe.unet_config))["params"],
                 "text_encoder": clip_init(pipe.text_encoder, t_rng)["params"]}
 
     def eval_params(state: TrainState) -> dict[str, Any]:
         trained = state.ema_params if state.ema_params is not None else state.params
+        trained = {k: v for k, v in trained.items() if k not in TRAINING_AIDS}
         return gathered({**trained, "vae": frozen["vae"]})
 
     def evaluate(state: TrainState, step: int) -> dict[str, float]:
@@ -445,12 +514,12 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
         from rig_jax.weights.diffusers_pipeline import load_pipeline
 
         _, loaded = load_pipeline(config.diffuser.init_from)
-        return {"unet": loaded["unet"], "text_encoder": loaded["text_encoder"]}
+        return {**training_aids(), "unet": loaded["unet"], "text_encoder": loaded["text_encoder"]}
 
     return TrainJob(
         name="pretrain_diffuser", init_params=init, loss_fn=diffusion_loss(pipe, objective),
         warm_start=warm_start if config.diffuser.init_from else None,
         optimizer=OptimizerSettings.from_config(config.optimizer), step=StepSettings(**config.step),
         dataset=lambda: scene_dataset(world, config.seed, config.train.batch_size, pipe.tokenizer, mix,
-                                      negatives=objective.relation_contrast > 0),
+                                      negatives=objective.negatives),
         frozen=frozen, evaluate=evaluate, export=export)
