@@ -1,33 +1,32 @@
-"""ShapesSG jobs: the README's main command and the smallest runs for tests.
+"""The README's main job: RL-RIG on ShapesSG, end to end (rig_jax.tools.shapes_demo).
 
-Variants: `demo` (default), `tiny` (seconds, for tests and smoke runs).
-    python -m rig_jax.tools.shapes_demo --config=configs/shapes.py:demo --config.world.image_size=64
+From the committed pretrained Diffuser and Actor (pretrained/shapes_sg): Reflection-GRPO
+stage 1 (the Actor) and stage 2 (the Editor), then the six systems of docs/method.md on
+held-out prompts, with metrics.json, per_record.csv, report.html and training plots under
+`workdir`. A second run in the same workdir skips finished stages and resumes a stopped one.
+
+Variants: `demo` (the README's `make demo`), `tiny` (the same path in minutes, CI).
+    python -m rig_jax.tools.shapes_demo --config=configs/shapes.py:demo [--config.seed=1]
 """
 import ml_collections
 
-from configs import common
+from configs import shapes_grpo
+
+VARIANTS = ("demo", "tiny")
 
 
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
-    c = common.base()
-    c.variant = variant
-    c.out_dir = "runs/shapes_demo"
-
-    c.world = ml_collections.ConfigDict()
-    c.world.image_size = 32
-    c.world.min_objects = 2
-    c.world.max_objects = 3
-    c.world.colour_only = "auto"    # auto (colour-only at <= 16 px) | on | off
-
-    c.data = ml_collections.ConfigDict()
-    c.data.num_records = {"demo": 256, "tiny": 16}.get(variant, 256)
-    c.data.batch_size = {"demo": 32, "tiny": 8}.get(variant, 32)
-    c.data.noise_sigma = 0.05      # Gaussian pixel noise added to the renders the judge reads
-
-    c.eval = ml_collections.ConfigDict()
-    c.eval.judge = "shapes"         # the pixel detector; the VLM judge runs through rig-eval
-    c.eval.grid_size = 64           # images in the PNG grid
-
-    if variant not in ("demo", "tiny"):
+    if variant not in VARIANTS:
         raise ValueError(f"configs/shapes.py: unknown variant {variant!r} (expected demo or tiny)")
+    tiny = variant == "tiny"
+    c = shapes_grpo.get_config("reflection_tiny" if tiny else "reflection")
+    c.workdir = "runs/shapes_demo_tiny" if tiny else "runs/shapes_demo"
+    c.train.total_steps = 4 if tiny else 40
+    c.train.eval_every = 0
+    c.train.checkpoint_every = 2 if tiny else 10
+    c.systems = ml_collections.ConfigDict()
+    c.systems.num_prompts = 8 if tiny else 200     # held-out prompts (prompts.eval_seed: never trained on)
+    c.systems.seed = 90_004                        # the noise of I_0 and of every edit, alike for all systems
+    c.systems.batch_size = 8 if tiny else 50
+    c.systems.report_prompts = 8 if tiny else 40   # prompts shown in report.html (all are in per_record.csv)
     return c

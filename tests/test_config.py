@@ -13,12 +13,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def run_tool(*args):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "rig_jax.tools.shapes_demo", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "rig_jax.tools.shapes_data", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
 def test_variants_load_and_override_in_process():
-    cfg = load_config_file(os.path.join(ROOT, "configs/shapes.py:tiny"))
+    cfg = load_config_file(os.path.join(ROOT, "configs/shapes_data.py:tiny"))
     assert cfg.variant == "tiny" and cfg.data.num_records == 16
     check_overrides(cfg, ["--config.world.image_size=64", "--config.mesh.shape=(8,1,1)"], "x.py")
     with pytest.raises(ConfigError, match=r"unknown field 'imag_size' at world .*did you mean 'image_size'"):
@@ -35,7 +35,7 @@ def test_variants_load_and_override_in_process():
     ("--config.data.num_records=1.5", "--config.data.num_records=1.5"),
 ])
 def test_bad_config_exits_nonzero_with_one_line(override, needle):
-    result = run_tool("--config=configs/shapes.py:tiny", override)
+    result = run_tool("--config=configs/shapes_data.py:tiny", override)
     assert result.returncode == 2, result.stderr
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
