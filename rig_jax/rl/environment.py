@@ -183,6 +183,12 @@ def build_environment(config: Any, mesh: Any, rules: LogicalRules, need_judge: b
         judge=build_judge(config, world, mesh, rules) if need_judge else None)
 
 
+def wants_judge(config: Any) -> bool:
+    """The Judge is built when a reward needs it or a VLM judge is named (held-out evaluation
+    then reports its SG-IoU; ShapesSG's pixel detector is always at hand)."""
+    return config.rl.reward == "judge" or (config.judge.kind == "vlm" and bool(config.judge.path))
+
+
 def actor_temperature(config: Any) -> float:
     """`actor.temperature`, or the folder's generation_config.json default when it is <= 0."""
     if config.actor.temperature > 0:

@@ -23,7 +23,13 @@ import numpy as np
 from rig_jax.errors import ConfigError
 from rig_jax.models.lora import apply_lora, init_lora, merge_lora
 from rig_jax.rig.actor import GRID_KEY, ActorSettings, VLMActor, static_grid, token_logprobs
-from rig_jax.rl.environment import actor_temperature, build_environment, compute_dtype, repeat_each
+from rig_jax.rl.environment import (
+    actor_temperature,
+    build_environment,
+    compute_dtype,
+    repeat_each,
+    wants_judge,
+)
 from rig_jax.rl.learner import (
     RolloutClock,
     check_total_steps,
@@ -45,15 +51,16 @@ EXPORT_DIR = "actor"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def load_actor(config: Any, mesh: Any, rules: Any) -> tuple[Any, Any, Any]:
-    """(pipeline, host params, params placed on the mesh) of `actor.path`, float32 masters."""
+def load_actor(config: Any, mesh: Any, rules: Any, trainable: bool = True) -> tuple[Any, Any, Any]:
+    """(pipeline, host params, params placed on the mesh) of `actor.path`: float32 masters when
+    it trains, else stored in its compute dtype (a frozen 7B Actor in bf16 takes half)."""
     from rig_jax.vlm.pipeline import load_vlm_pipeline
 
     path = config.actor.path
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"actor.path: {path or '(empty)'} is not a Qwen2.5-VL folder (no config.json)")
     dtype = compute_dtype(config.actor.dtype)
-    pipe, host = load_vlm_pipeline(path, dtype, jnp.float32)
+    pipe, host = load_vlm_pipeline(path, dtype, jnp.float32 if trainable else dtype)
     placed = jax.tree.map(lambda x, s: jax.device_put(x, s), host, actor_shardings(pipe, mesh, rules))
     return pipe, host, placed
 
@@ -89,7 +96,7 @@ def build_grpo_actor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Tr
     rl = config.rl
     group = group_settings(rl)
     check_total_steps(config.train.total_steps, group)
-    env = build_environment(config, mesh, rules, need_judge=rl.reward == "judge")
+    env = build_environment(config, mesh, rules, need_judge=wants_judge(config))
     if env.edit.sampler.eta != 0:
         raise ConfigError("editor.sampler.eta: stage 1 applies every edit prompt with eta = 0 (the words "
                           "are the only difference inside a group)")

@@ -23,7 +23,7 @@ from rig_jax.errors import ConfigError
 from rig_jax.models.lora import apply_lora, init_lora, merge_lora
 from rig_jax.rig.actor import ActorSettings, VLMActor
 from rig_jax.rig.diffuser import encode_prompts
-from rig_jax.rl.environment import actor_temperature, build_environment, repeat_each
+from rig_jax.rl.environment import actor_temperature, build_environment, repeat_each, wants_judge
 from rig_jax.rl.learner import (
     RolloutClock,
     check_total_steps,
@@ -73,14 +73,14 @@ def build_grpo_editor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> T
     rl = config.rl
     group = group_settings(rl)
     check_total_steps(config.train.total_steps, group)
-    env = build_environment(config, mesh, rules, need_judge=rl.reward == "judge")
+    env = build_environment(config, mesh, rules, need_judge=wants_judge(config))
     sampler = env.edit.sampler
     if not sampler.eta > 0:
         raise ConfigError("editor.sampler.eta: stage 2 trains a stochastic policy, set it > 0 (DDPO: 1.0)")
     if env.edit.null_text.enabled:
         raise ConfigError("editor.null_text.enabled: stage 2 replays plain guided steps; per-step null-text "
                           "embeddings are not part of its policy (turn null-text off for stage 2)")
-    actor_pipe, _, actor_params = load_actor(config, mesh, rules)
+    actor_pipe, _, actor_params = load_actor(config, mesh, rules, trainable=False)
     actor = VLMActor(actor_pipe, ActorSettings(temperature=actor_temperature(config),
                                                max_new_tokens=config.actor.max_new_tokens,
                                                max_words=config.actor.max_words))
