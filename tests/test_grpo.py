@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rig_jax.errors import ConfigError
-from rig_jax.rl.learner import check_total_steps, choose_prompts
+from rig_jax.rl.learner import check_total_steps, choose_prompts, score_groups
 from rig_jax.rl.rollout import GroupSettings, gather_steps, minibatches, trained_steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,6 +84,27 @@ def test_trained_steps_never_the_last_and_gathered_per_row():
 def test_choose_prompts_takes_wrong_images_first():
     np.testing.assert_array_equal(choose_prompts([1.0, 0.5, 1.0, 0.0, 0.5], 3), [1, 3, 4])
     np.testing.assert_array_equal(choose_prompts([1.0, 0.0, 1.0], 3), [1, 0, 2])
+
+
+def test_a_nan_reward_drops_its_group_and_is_counted():
+    """A reward that returns NaN (here: a Checker score) skips that group, never a gradient."""
+    from rig_jax.data.scene_graph import Item, Relation, SceneGraph
+    from rig_jax.rl.rewards import RewardBatch
+
+    graph = SceneGraph((Item(0, "circle", ("red",)), Item(1, "square", ("blue",))),
+                       (Relation(0, "left of", 1),))
+    after = [types.SimpleNamespace(score=s, verdicts=types.SimpleNamespace(scene_graph=()))
+             for s in (0.0, 1.0, float("nan"), 1.0, 0.0, 0.0)]
+    rl = types.SimpleNamespace(reward="checker_score", format_weight=0.0, advantage="grpo",
+                               advantage_clip=5.0, advantage_eps=1e-4)
+    counts = {}
+    group = GroupSettings(prompts=3, group_size=2, candidates=3)
+    rewards = RewardBatch(graphs=[graph] * 6, checks_before=None, checks_after=after)
+    advantages, metrics = score_groups(rewards, rl, group, counts)
+    assert advantages[2] == advantages[3] == 0.0 and advantages[0] < 0 < advantages[1]
+    assert np.all(advantages[4:] == 0.0) and np.all(np.isfinite(advantages))
+    assert metrics["rollout/nonfinite_groups"] == 1 and metrics["rollout/reward_nonfinite"] == 1
+    assert counts["nonfinite_groups"] == 1 and counts["zero_std_groups"] == 2
 
 
 def test_minibatches_cover_every_row_once_per_epoch():

@@ -336,7 +336,7 @@ def batch(**kw):
 def test_checker_rewards():
     delta, stats = compute_rewards(batch(), RewardSettings("checker_delta"))
     np.testing.assert_allclose(delta, [0.25, 0.5, -1.0])
-    assert stats == {"reward_checker_delta_mean": pytest.approx(-0.25 / 3)}
+    assert stats == {"reward_checker_delta_mean": pytest.approx(-0.25 / 3), "reward_nonfinite": 0.0}
     score, stats = compute_rewards(batch(), RewardSettings("checker_score"))
     np.testing.assert_allclose(score, [0.75, 0.5, 0.0])
     assert delta.dtype == np.float64 and score.shape == (3,)
@@ -378,8 +378,8 @@ def test_format_term_and_errors():
     assert str(err.value) == f"rl.reward: unknown reward 'nope' (known: {', '.join(REWARDS.names())})"
     with pytest.raises(ConfigError, match=r"^rl\.format_weight"):
         RewardSettings(format_weight=-1.0)
-    with pytest.raises(RigError, match=r"non-finite at rows \[1\]"):
-        compute_rewards(batch(checks_after=[check(0.0), check(math.nan), check(0.0)]),
-                        RewardSettings("checker_score"))
+    rewards, stats = compute_rewards(batch(checks_after=[check(0.0), check(math.nan), check(0.0)]),
+                                     RewardSettings("checker_score"))
+    assert np.isnan(rewards[1]) and stats["reward_nonfinite"] == 1.0
     with pytest.raises(ValueError, match="checks_before"):
         batch(checks_before=[check(0.0)])

@@ -59,15 +59,28 @@ class RolloutClock:
         return {**self.phases, "time/rollout_s": sum(self.phases.values())}
 
 
+def drop_nonfinite_groups(rewards: np.ndarray, group_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rewards with every group holding a non-finite value set to zeros (a group with equal
+    rewards carries no signal), and which groups those were."""
+    groups = np.asarray(rewards, np.float64).reshape(-1, group_size).copy()
+    dropped = ~np.all(np.isfinite(groups), axis=1)
+    groups[dropped] = 0.0
+    return groups.reshape(-1), dropped
+
+
 def score_groups(batch: RewardBatch, rl: Any, group: GroupSettings, counts: dict[str, Any]
                  ) -> tuple[np.ndarray, dict[str, float]]:
     """Rewards (`rl.reward`, + `rl.format_weight` x well_formed) -> advantages
-    (`rl.advantage`) and their metrics; `counts` (the job's checkpointed host state) keeps the
-    run's totals of groups and zero-std groups."""
+    (`rl.advantage`) and their metrics; a group with a non-finite reward gets zero advantages
+    and is counted; `counts` (the job's checkpointed host state) keeps the run's totals."""
     reward_settings = RewardSettings(name=rl.reward, format_weight=rl.format_weight)
     rewards, reward_stats = compute_rewards(batch, reward_settings)
+    rewards, dropped = drop_nonfinite_groups(rewards, group.group_size)
     advantages, stats = compute_advantages(rl.advantage, rewards, group.group_size,
                                            AdvantageSettings(clip=rl.advantage_clip, eps=rl.advantage_eps))
+    advantages = np.where(np.repeat(dropped, group.group_size), 0.0, advantages)
+    stats["nonfinite_groups"] = float(dropped.sum())
+    counts["nonfinite_groups"] = int(counts.get("nonfinite_groups", 0)) + int(dropped.sum())
     counts["groups"] = int(counts.get("groups", 0)) + int(stats["num_groups"])
     counts["zero_std_groups"] = int(counts.get("zero_std_groups", 0)) + int(stats["zero_std_groups"])
     counts["rollouts"] = int(counts.get("rollouts", 0)) + 1

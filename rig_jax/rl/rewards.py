@@ -95,16 +95,17 @@ def judge_score(batch: RewardBatch) -> np.ndarray:
 
 
 def compute_rewards(batch: RewardBatch, settings: RewardSettings) -> tuple[np.ndarray, dict[str, float]]:
-    """(N,) float64 rewards of the named reward plus the format term, and their statistics."""
+    """(N,) float64 rewards of the named reward plus the format term, and their statistics.
+    Non-finite rewards are returned as they are and counted (`reward_nonfinite`): the learner
+    drops their groups (`rl.learner.score_groups`), a reward's NaN never reaches a gradient."""
     reward_fn = REWARDS.get(settings.name, "rl.reward")
     base = np.asarray(reward_fn(batch), dtype=np.float64)
     n = len(batch.checks_after)
     if base.shape != (n,):
         raise RigError(f"rl.reward: reward {settings.name!r} returned shape {base.shape} for {n} samples")
-    bad = np.flatnonzero(~np.isfinite(base))
-    if bad.size:
-        raise RigError(f"rl.reward: reward {settings.name!r} is non-finite at rows {bad.tolist()}")
-    stats = {f"reward_{settings.name}_mean": float(base.mean()) if n else 0.0}
+    finite = np.isfinite(base)
+    stats = {f"reward_{settings.name}_mean": float(base[finite].mean()) if finite.any() else 0.0,
+             "reward_nonfinite": float(np.sum(~finite))}
     rewards = base
     if batch.well_formed is not None:
         formed = np.array([bool(w) for w in batch.well_formed], dtype=np.float64)

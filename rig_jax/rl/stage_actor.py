@@ -176,7 +176,8 @@ def build_grpo_actor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Tr
             placed_batch = place_global(batch, mesh, rules)
             batch["ref_logp"] = to_host(reference_logprobs(frozen["reference"], placed_batch))
         clock.lap("score")
-        metrics.update({"rollout/score_before": float(np.mean([c.score for c in checks])),
+        metrics.update({"rollout/checker_malformed": float(sum(c.verdicts.malformed for c in checks + after)),
+                        "rollout/score_before": float(np.mean([c.score for c in checks])),
                         "rollout/score_after": float(np.mean([c.score for c in after])),
                         "rollout/distinct_prompts": distinct_per_group(samples.edits, group.group_size),
                         **clock.metrics()})

@@ -150,7 +150,8 @@ def build_grpo_editor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> T
             batch["ref_mean"] = reference_means(pipe, sampler, frozen["reference"], batch, record["uncond"],
                                                 mesh, rules)
         clock.lap("score")
-        metrics.update({"rollout/score_before": float(np.mean([c.score for c in checks])),
+        metrics.update({"rollout/checker_malformed": float(sum(c.verdicts.malformed for c in checks + after)),
+                        "rollout/score_before": float(np.mean([c.score for c in checks])),
                         "rollout/score_after": float(np.mean([c.score for c in after])), **clock.metrics()})
         return minibatches(batch, group, host_rng), metrics
 
