@@ -4,8 +4,10 @@ rig-train on the committed ShapesSG models (tiny variants): metrics, exact resum
 skipped when done: tests/test_shapes_demo.py (the README's main job runs them)."""
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import types
 
 import jax.numpy as jnp
@@ -162,18 +164,30 @@ def test_loop_rollout_hook_saves_only_between_rollouts(tmp_path, devices):
 
 # ----------------------------------------------------------------------------- the stages, end to end
 
-def test_actor_stage_logs_and_resumes_exactly(tmp_path):
-    whole, split = tmp_path / "whole", tmp_path / "split"
-    _rig_train("actor_tiny", whole)
+def test_actor_stage_logs_and_resumes_exactly_after_sigkill(tmp_path):
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    steps = "--config.train.total_steps=8"
+    _rig_train("actor_tiny", whole, steps)
     rows = _train_rows(whole)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert [r["step"] for r in rows] == list(range(1, 9))
     for key in LOGGED:
         assert key in _records(whole)[0], key
     first = rows[0]
     assert abs(first["ratio_mean"] - 1.0) < 1e-4 and first["approx_kl"] < 1e-8   # pi_old is the policy
-    _rig_train("actor_tiny", split, "--config.train.total_steps=2")
-    _rig_train("actor_tiny", split)
-    assert _train_rows(split) == rows
+    args = [sys.executable, "-m", "rig_jax.tools.train", f"--config={CONFIG}:actor_tiny",
+            f"--workdir={killed}", steps]
+    proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 400
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "metrics.jsonl").is_file() and len(_train_rows(killed)) >= 3:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)                     # mid-rollout: step 3 of the rollout of 3-4
+    proc.wait()
+    assert len(_train_rows(killed)) < 8
+    _rig_train("actor_tiny", killed, steps)
+    assert _train_rows(killed) == rows
     from rig_jax.vlm.pipeline import load_vlm_pipeline
 
     pipe, _ = load_vlm_pipeline(str(whole / "actor"))
