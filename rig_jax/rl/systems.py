@@ -77,7 +77,7 @@ def score_system(name: str, records: Sequence[LoopRecord], judge: Any,
         gens = record.unet_generations if generations is None else generations[i]
         edits = 0 if generations is not None else record.rounds_used
         row = {**score_record(result.graph, record.graph),
-               "checker_score": record.final_check.score, "rounds_used": float(record.rounds_used),
+               "checker_score": record.final_check.score, "rounds_used": float(edits),
                "generations": float(gens), "unet_calls": unet_calls(sampler, edit, gens - edits, edits),
                "vlm_calls": float(record.vlm_calls), "seconds": seconds / len(records)}
         if world is not None:
