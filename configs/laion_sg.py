@@ -26,7 +26,7 @@ Build the data once (`rig_jax.data.laion_sg.build_laion_sg(json_dir, data_dir)`)
 """
 import ml_collections
 
-from configs import common
+from configs import common, shapes_grpo
 
 MODELS = ("sd15_qwen3b", "sd21_qwen7b", "gpu", "tiny")
 STAGES = {"": "grpo_actor", "editor_": "grpo_editor", "reflection_": "reflection_grpo"}
@@ -184,24 +184,5 @@ def stage_fields(name: str) -> dict:
             "editor": {"sampler": {"eta": 1.0}}, "optimizer": {"learning_rate": 3e-4}}
 
 
-def merge(c: ml_collections.ConfigDict, fields: dict) -> None:
-    """Writes nested `fields` into `c` (every key must already exist there)."""
-    for key, value in fields.items():
-        if isinstance(value, dict):
-            merge(c[key], value)
-        else:
-            c[key] = value
-
-
 def stage(c: ml_collections.ConfigDict, name: str) -> None:
-    c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-5
-    c.optimizer.warmup_steps = 0
-    c.optimizer.schedule = "constant"
-    c.optimizer.weight_decay = 0.0
-    c.optimizer.clip_norm = 1.0
-    c.optimizer.accumulate_steps = 1
-    c.rl.loss = ""
-    c.rl.reward = ""
-    c.rl.kl_beta = 0.0
-    merge(c, stage_fields(name))
+    shapes_grpo.stage(c, name, stage_fields)

@@ -147,9 +147,10 @@ def merge(c: ml_collections.ConfigDict, fields: dict) -> None:
             c[key] = value
 
 
-def stage(c: ml_collections.ConfigDict, name: str) -> None:
+def stage(c: ml_collections.ConfigDict, name: str, fields_of=None) -> None:
+    """The optimizer section and the stage's fields (`fields_of(name)`, default: stage_fields)."""
     c.optimizer = ml_collections.ConfigDict()
-    c.optimizer.learning_rate = 1e-4
+    c.optimizer.learning_rate = 0.0           # set by the stage's fields
     c.optimizer.warmup_steps = 0
     c.optimizer.schedule = "constant"
     c.optimizer.weight_decay = 0.0
@@ -158,4 +159,4 @@ def stage(c: ml_collections.ConfigDict, name: str) -> None:
     c.rl.loss = ""
     c.rl.reward = ""
     c.rl.kl_beta = 0.0
-    merge(c, stage_fields(name))
+    merge(c, (fields_of or stage_fields)(name))

@@ -45,7 +45,7 @@ from rig_jax.rl.rollout import generate_images, group_edit, minibatches, place_g
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.train.optimizer import OptimizerSettings
 from rig_jax.train.step import StepSettings
-from rig_jax.weights.io import read_json
+from rig_jax.weights.io import read_json, swap_in_folder
 
 EXPORT_DIR = "actor"
 WEIGHTS_FILE = "model.safetensors"
@@ -85,11 +85,7 @@ def export_actor(source: str, folder: str, params: Any) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     save_qwen_vl(tmp, read_json(os.path.join(source, "config.json")), params)
-    old = folder + ".old"
-    if os.path.isdir(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_folder(tmp, folder)
 
 
 def build_grpo_actor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> TrainJob:

@@ -48,6 +48,7 @@ from rig_jax.rl.stage_actor import load_actor
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.train.optimizer import OptimizerSettings
 from rig_jax.train.step import StepSettings
+from rig_jax.weights.io import swap_in_folder
 
 EXPORT_DIR = "editor"
 
@@ -60,13 +61,10 @@ def export_editor(folder: str, pipe: Any, params: Any) -> None:
     params = jax.tree.map(to_host, params)
     if jax.process_index() != 0:
         return
-    tmp, old = folder + ".tmp", folder + ".old"
+    tmp = folder + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     save_pipeline(tmp, pipe, params)
-    if os.path.isdir(folder):
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    shutil.rmtree(old, ignore_errors=True)
+    swap_in_folder(tmp, folder)
 
 
 def build_grpo_editor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> TrainJob:

@@ -113,6 +113,20 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,
     os.replace(tmp, path)
 
 
+def swap_in_folder(new: str, folder: str) -> None:
+    """Replaces `folder` by the finished folder `new` (a sibling) in whole: the old one is moved
+    aside, the new one renamed into place, the old one removed; a crash leaves one complete
+    folder (the old, or the new), never a mix."""
+    import shutil
+
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def write_json(obj: Mapping, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
