@@ -383,3 +383,64 @@ def test_format_term_and_errors():
     assert np.isnan(rewards[1]) and stats["reward_nonfinite"] == 1.0
     with pytest.raises(ValueError, match="checks_before"):
         batch(checks_before=[check(0.0)])
+
+
+# ----------------------------------------------------------------------------- numpy, random inputs
+
+def _np_grpo_advantages(rewards, group_size, clip=5.0, eps=1e-4):
+    out = []
+    for group in np.asarray(rewards, np.float64).reshape(-1, group_size):
+        out.extend(np.clip((group - group.mean()) / (group.std() + eps), -clip, clip))
+    return np.asarray(out)
+
+
+def _np_token_loss(logp, old, ref, mask, adv, eps, beta, aggregation):
+    ratio = np.exp(logp - old)
+    a = adv[:, None]
+    per_token = -np.minimum(ratio * a, np.clip(ratio, 1 - eps, 1 + eps) * a)
+    per_token += beta * (np.exp(ref - logp) - (ref - logp) - 1)
+    if aggregation == "token":
+        return np.sum(per_token * mask) / np.sum(mask)
+    rows = np.sum(mask, axis=1) > 0
+    return np.mean(np.sum(per_token * mask, axis=1)[rows] / np.sum(mask, axis=1)[rows])
+
+
+def _np_diffusion_loss(logp, old, adv, mask, msd, std, clip, beta):
+    valid = (mask > 0) & (std > 0)
+    ratio = np.exp(logp - old)
+    a = adv[:, None]
+    per_step = np.maximum(-a * ratio, -a * np.clip(ratio, 1 - clip, 1 + clip))
+    per_step += beta * msd / (2 * np.where(valid, std, 1.0) ** 2)
+    return np.sum(np.where(valid, per_step, 0.0)) / np.sum(valid)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_advantages_and_losses_equal_numpy_on_random_inputs(seed):
+    rng = np.random.default_rng(seed)
+    rewards = rng.normal(size=24)
+    rewards[8:12] = 0.3                                       # one group with equal rewards
+    np.testing.assert_allclose(grpo_advantages(rewards, 4, AdvantageSettings()),
+                               _np_grpo_advantages(rewards, 4), rtol=1e-12, atol=1e-12)
+    n, t = 6, 9
+    old = rng.normal(-2.0, 0.5, (n, t))
+    logp = old + rng.normal(0, 0.3, (n, t))                   # ratios well outside 1 +- 0.2
+    ref = old + rng.normal(0, 0.3, (n, t))
+    mask = (rng.random((n, t)) < 0.8).astype(np.float64)
+    adv = rng.normal(size=n)
+    for aggregation in ("token", "sequence"):
+        settings = TokenLossSettings(clip_epsilon=0.2, kl_beta=0.04, aggregation=aggregation)
+        arrays = (jnp.asarray(x, jnp.float32) for x in (logp, old, ref, mask, adv))
+        got, _ = token_grpo_loss(*arrays, settings)
+        want = _np_token_loss(logp, old, ref, mask, adv, 0.2, 0.04, aggregation)
+        np.testing.assert_allclose(float(got), want, rtol=2e-5, atol=1e-6)
+    k = 5
+    dold = rng.normal(1.0, 0.2, (n, k))
+    dlogp = dold + rng.normal(0, 2e-4, (n, k))                # around the 1e-4 clip range
+    std = np.abs(rng.normal(0.5, 0.2, (n, k)))
+    std[:, -1] = 0.0                                          # the last step: deterministic
+    msd = np.abs(rng.normal(0, 0.01, (n, k)))
+    dmask = (rng.random((n, k)) < 0.9).astype(np.float64)
+    got, _ = diffusion_ppo_loss(*(jnp.asarray(x, jnp.float32) for x in (dlogp, dold, adv, dmask, msd, std)),
+                                DiffusionLossSettings(clip_range=1e-4, kl_beta=0.01))
+    want = _np_diffusion_loss(dlogp, dold, adv, dmask, msd, std, 1e-4, 0.01)
+    np.testing.assert_allclose(float(got), want, rtol=2e-5, atol=1e-6)
