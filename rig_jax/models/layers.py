@@ -9,6 +9,7 @@ the time embedding), the difference is a parameter here and each caller passes i
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -16,11 +17,31 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax.linen.dtypes import promote_dtype
 
 from rig_jax.errors import ConfigError
 
 CONV_NAMES = (None, None, "conv_in", "conv_out")
+_NHWC = ("NHWC", "HWIO", "NHWC")
 IMAGE_NAMES = ("batch", "height", "width", "channels")
+
+
+def flat_tokens_on_cpu(x: jax.Array) -> bool:
+    """Whether a matmul over `x`'s last axis should see `x` as 2-D `(tokens, features)`: on a
+    single CPU device XLA then computes the weight gradient `x^T g` as one dot of the two
+    arrays as they are, where with `(batch, length, features)` it first copies `g` transposed,
+    fused into its producer as a strided loop (flattening: U-Net train step ~10% faster)."""
+    return x.ndim > 2 and jax.default_backend() == "cpu" and jax.device_count() == 1
+
+
+class Dense(nn.Dense):
+    """`nn.Dense` (same params), with `flat_tokens_on_cpu` inputs flattened to 2-D."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not flat_tokens_on_cpu(inputs):
+            return super().__call__(inputs)
+        out = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+        return out.reshape(*inputs.shape[:-1], out.shape[-1])
 
 
 def dense(features: int, names: tuple[str | None, str | None], name: str | None, dtype: Any,
@@ -28,9 +49,9 @@ def dense(features: int, names: tuple[str | None, str | None], name: str | None,
           kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()) -> nn.Dense:
     """A Dense layer whose kernel carries the logical axis `names` (in, out) and bias `names[-1]`.
     Every model's dense layers come from here (U-Net, VAE, CLIP, the VLM)."""
-    return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-                    kernel_init=nn.with_logical_partitioning(kernel_init, names),
-                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
+    return Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+                 kernel_init=nn.with_logical_partitioning(kernel_init, names),
+                 bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), names[-1:]))
 
 
 def conv2d(features: int, kernel: int, name: str | None, dtype: Any, param_dtype: Any, stride: int = 1,
@@ -44,14 +65,79 @@ def conv2d(features: int, kernel: int, name: str | None, dtype: Any, param_dtype
                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)))
 
 
+def _group_mean(per_channel: jax.Array, groups: int) -> jax.Array:
+    """Mean over the channels of each group of `(..., channels)`, broadcast back per channel."""
+    grouped = per_channel.reshape(per_channel.shape[:-1] + (groups, -1))
+    means = grouped.mean(-1, keepdims=True)
+    return jnp.broadcast_to(means, grouped.shape).reshape(per_channel.shape)
+
+
+def _group_stats(x32: jax.Array, groups: int, epsilon: float) -> tuple[jax.Array, jax.Array]:
+    """Per-sample, per-channel (broadcastable) mean and 1/std of float32 `x32`'s groups:
+    E[(x - mean)^2] like PyTorch. The statistics reduce over the spatial axes per channel
+    first, then over the channels of a group: the same sums, but XLA's CPU backend runs two
+    small reductions 2x faster than one over a (..., groups, channels/group) reshape."""
+    spatial = tuple(range(1, x32.ndim - 1))
+    mean = _group_mean(x32.mean(spatial, keepdims=True), groups)
+    var = _group_mean(jnp.square(x32 - mean).mean(spatial, keepdims=True), groups)
+    return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm_cpu(x32: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float,
+                    silu: bool) -> jax.Array:
+    return _group_norm_cpu_forward(x32, scale, bias, groups, epsilon, silu)[0]
+
+
+def _group_norm_cpu_forward(x32: jax.Array, scale: jax.Array, bias: jax.Array, groups: int, epsilon: float,
+                            silu: bool) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    mean, inv = _group_stats(x32, groups, epsilon)
+    y = (x32 - mean) * (inv * scale) + bias
+    return (nn.silu(y) if silu else y), (x32, mean, inv, scale, bias)
+
+
+def _group_norm_cpu_backward(groups: int, epsilon: float, silu: bool, residuals: tuple[jax.Array, ...],
+                             g: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The analytic gradient from the saved input and statistics: x_hat (and the SiLU's
+    input) recomputed, dx = inv * (dx_hat - mean(dx_hat) - x_hat * mean(dx_hat * x_hat)) per
+    group, with dx_hat = g * scale. Only two reductions over the activation, the per-sample,
+    per-channel sums of g and g * x_hat; the scale, bias and group means all derive from them."""
+    x32, mean, inv, scale, bias = residuals
+    x_hat = (x32 - mean) * inv
+    if silu:
+        y = x_hat * scale + bias
+        sig = jax.nn.sigmoid(y)
+        g = g * sig * (1 + y * (1 - sig))
+    spatial = tuple(range(1, x32.ndim - 1))
+    sum_g, sum_g_x_hat = g.sum(spatial, keepdims=True), (g * x_hat).sum(spatial, keepdims=True)
+    n = np.prod([x32.shape[a] for a in spatial])
+    m1 = _group_mean(sum_g * scale, groups) / n
+    m2 = _group_mean(sum_g_x_hat * scale, groups) / n
+    dx = inv * (g * scale - m1 - x_hat * m2)
+    batch_and_spatial = (0,) + spatial
+    return dx, jnp.sum(sum_g_x_hat, batch_and_spatial), jnp.sum(sum_g, batch_and_spatial)
+
+
+_group_norm_cpu.defvjp(_group_norm_cpu_forward, _group_norm_cpu_backward)
+
+
 class GroupNorm(nn.Module):
     """GroupNorm over NHWC (or NLC) with float32 statistics (E[(x - mean)^2], like PyTorch),
-    written out so that XLA fuses it with the SiLU that usually follows. `epsilon` has no
-    default: diffusers uses 1e-6 in some places and the config's `norm_eps` in others."""
+    written out so that XLA fuses it with the SiLU that usually follows (`silu=True` applies
+    it here). `epsilon` has no default: diffusers uses 1e-6 in some places and the config's
+    `norm_eps` in others.
+
+    On CPU the backward is written by hand (`_group_norm_cpu`): it saves the input and the
+    per-group statistics and recomputes x_hat (and the SiLU) where autodiff of the formula
+    saves the centred input, the normalised output and the SiLU's intermediates, activation-
+    sized arrays written in the forward and read back (XLA:CPU pages its temp buffer in
+    afresh every step; the U-Net train step's buffer 463 -> 441 MiB, ~1% faster).
+    """
     num_groups: int
     epsilon: float
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
+    silu: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,21 +146,13 @@ class GroupNorm(nn.Module):
                            (c,), self.param_dtype)
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
                           (c,), self.param_dtype)
-        # Statistics reduce over the spatial axes per channel first, then over the channels of a
-        # group: the same E[(x - mean)^2], but XLA's CPU backend runs two small reductions 2x
-        # faster than one over a (..., groups, channels/group) reshape.
-        x32 = x.astype(jnp.float32)
-        spatial = tuple(range(1, x.ndim - 1))
-
-        def group_mean(per_channel: jax.Array) -> jax.Array:
-            grouped = per_channel.reshape(per_channel.shape[:-1] + (self.num_groups, -1))
-            means = grouped.mean(-1, keepdims=True)
-            return jnp.broadcast_to(means, grouped.shape).reshape(per_channel.shape)
-
-        centred = x32 - group_mean(x32.mean(spatial, keepdims=True))
-        var = group_mean(jnp.square(centred).mean(spatial, keepdims=True))
-        inv = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
-        return (centred * inv + bias.astype(jnp.float32)).astype(self.dtype)
+        x32, scale, bias = x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32)
+        if jax.default_backend() == "cpu":
+            y = _group_norm_cpu(x32, scale, bias, self.num_groups, self.epsilon, self.silu)
+            return y.astype(self.dtype)
+        mean, inv = _group_stats(x32, self.num_groups, self.epsilon)
+        y = (x32 - mean) * (inv * scale) + bias
+        return (nn.silu(y) if self.silu else y).astype(self.dtype)
 
 
 def nearest_resize(x: jax.Array, size: tuple[int, int]) -> jax.Array:
@@ -109,12 +187,12 @@ class ResnetBlock2D(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array | None = None) -> jax.Array:
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
+        h = GroupNorm(self.groups, self.eps, name="norm1", silu=True, **kw)(x)
         h = conv2d(self.out_channels, 3, "conv1", **kw)(h)
         if temb is not None:
             t = dense(self.out_channels, ("embed", "conv_out"), "time_emb_proj", **kw)(nn.silu(temb))
             h = h + t[:, None, None, :]
-        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
+        h = GroupNorm(self.groups, self.eps, name="norm2", silu=True, **kw)(h)
         h = conv2d(self.out_channels, 3, "conv2", **kw)(h)
         if x.shape[-1] != self.out_channels:
             x = conv2d(self.out_channels, 1, "conv_shortcut", **kw)(x)
@@ -144,6 +222,43 @@ class Downsample2D(nn.Module):
         return nn.with_logical_constraint(x, IMAGE_NAMES)
 
 
+def _subpixel_kernels(kernel: jax.Array) -> list[list[jax.Array]]:
+    """The 3x3 `kernel` seen from the source pixels of a 2x nearest upsampling: output rows of
+    parity 0 read source rows (-1, 0) with kernel rows (0, 1 + 2), parity 1 rows (0, +1) with
+    (0 + 1, 2); the same for columns. `[row parity][column parity]` -> `(2, 2, in, out)`."""
+    def halves(k: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+        k0, k1, k2 = (jnp.take(k, i, axis) for i in range(3))
+        return jnp.stack([k0, k1 + k2], axis), jnp.stack([k0 + k1, k2], axis)
+    return [list(halves(rows, 1)) for rows in halves(kernel, 0)]
+
+
+class _UpsampleConv(nn.Module):
+    """The 3x3 `conv` of Upsample2D (nn.Conv's params, names and init), applied to the 2x
+    nearest upsampling of its input. On CPU it runs as four 2x2 convolutions of the
+    un-upsampled input, one per output phase, interleaved: the same sums (kernel taps that
+    read the same source pixel added first), 2.25x fewer multiplies, and no backward through
+    the resize; fwd+bwd at 16->32 px, 128 ch: 43 -> 15 ms (torch 26 ms)."""
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, size: tuple[int, int]) -> jax.Array:
+        kernel_init = nn.with_logical_partitioning(nn.initializers.lecun_normal(), CONV_NAMES)
+        kernel = self.param("kernel", kernel_init, (3, 3, x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("conv_out",)),
+                          (self.features,), self.param_dtype)
+        x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
+        conv = lambda v, k, pad: jax.lax.conv_general_dilated(v, k, (1, 1), pad, dimension_numbers=_NHWC)
+        b, h, w, _ = x.shape
+        if size != (2 * h, 2 * w) or jax.default_backend() != "cpu":
+            return conv(nearest_resize(x, size), kernel, ((1, 1), (1, 1))) + bias
+        kernels, pads = _subpixel_kernels(kernel), ((1, 0), (0, 1))
+        phases = [jnp.stack([conv(x, kernels[i][j], (pads[i], pads[j])) for j in range(2)], axis=3)
+                  for i in range(2)]  # (b, h, w, 2, out) per row parity
+        return jnp.stack(phases, axis=2).reshape(b, 2 * h, 2 * w, self.features) + bias
+
+
 class Upsample2D(nn.Module):
     """diffusers' Upsample2D with a conv: nearest-neighbour resize, then a 3x3 `conv`.
 
@@ -156,8 +271,8 @@ class Upsample2D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, size: tuple[int, int] | None = None) -> jax.Array:
-        x = nearest_resize(x, size or (2 * x.shape[1], 2 * x.shape[2]))
-        x = conv2d(self.channels, 3, "conv", self.dtype, self.param_dtype)(x)
+        size = size or (2 * x.shape[1], 2 * x.shape[2])
+        x = _UpsampleConv(self.channels, self.dtype, self.param_dtype, name="conv")(x, size)
         return nn.with_logical_constraint(x, IMAGE_NAMES)
 
 
@@ -205,8 +320,57 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return x * cos + rotate_half(x) * sin
 
 
-def layer_norm(epsilon: float, name: str | None, dtype: Any, param_dtype: Any) -> nn.LayerNorm:
-    """PyTorch's LayerNorm (E[(x - mean)^2] variance) with logically named scale and bias."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _layer_norm_cpu(x32: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+    return _layer_norm_cpu_forward(x32, scale, bias, epsilon)[0]
+
+
+def _layer_norm_cpu_forward(x32: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float
+                            ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    mean = x32.mean(-1, keepdims=True)
+    inv = jax.lax.rsqrt(jnp.square(x32 - mean).mean(-1, keepdims=True) + epsilon)
+    return (x32 - mean) * inv * scale + bias, (x32, mean, inv, scale)
+
+
+def _layer_norm_cpu_backward(epsilon: float, residuals: tuple[jax.Array, ...], g: jax.Array
+                             ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    x32, mean, inv, scale = residuals
+    x_hat = (x32 - mean) * inv
+    d_x_hat = g * scale
+    dx = inv * (d_x_hat - d_x_hat.mean(-1, keepdims=True) - x_hat * (d_x_hat * x_hat).mean(-1, keepdims=True))
+    lead = tuple(range(x32.ndim - 1))
+    return dx, jnp.sum(g * x_hat, lead), jnp.sum(g, lead)
+
+
+_layer_norm_cpu.defvjp(_layer_norm_cpu_forward, _layer_norm_cpu_backward)
+
+
+class _CpuLayerNorm(nn.Module):
+    """`nn.LayerNorm` over the last axis (same params, init and logical names, E[(x - mean)^2]
+    variance, float32 statistics) with a hand-written VJP that saves the input and the
+    statistics and recomputes x_hat, like `GroupNorm` on CPU (fewer activation-sized
+    residuals in XLA:CPU's per-step temp buffer)."""
+    epsilon: float
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                           (c,), self.param_dtype)
+        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                          (c,), self.param_dtype)
+        y = _layer_norm_cpu(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
+                            self.epsilon)
+        return y.astype(self.dtype)
+
+
+def layer_norm(epsilon: float, name: str | None, dtype: Any, param_dtype: Any) -> nn.Module:
+    """PyTorch's LayerNorm (E[(x - mean)^2] variance) with logically named scale and bias:
+    `nn.LayerNorm`, or on CPU `_CpuLayerNorm` (same params)."""
+    if jax.default_backend() == "cpu":
+        return _CpuLayerNorm(epsilon, dtype, param_dtype, name=name)
     return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
                         use_fast_variance=False,
                         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),

@@ -41,6 +41,7 @@ from rig_jax.models.layers import (
     Upsample2D,
     conv2d,
     dense,
+    flat_tokens_on_cpu,
     layer_norm,
 )
 
@@ -243,6 +244,35 @@ def gelu_erf(x: jax.Array) -> jax.Array:
     return 0.5 * x * (1 + jax.lax.erf(x * jnp.asarray(2 ** -0.5, x.dtype)))
 
 
+@jax.custom_vjp
+def _geglu_saving_inputs(value: jax.Array, gate: jax.Array) -> jax.Array:
+    return value * gelu_erf(gate)
+
+
+def _geglu_forward(value: jax.Array, gate: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return value * gelu_erf(gate), (value, gate)
+
+
+def _geglu_backward(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    value, gate = residuals
+    cdf = 0.5 * (1 + jax.lax.erf(gate * jnp.asarray(2 ** -0.5, gate.dtype)))
+    pdf = jnp.exp(-0.5 * gate * gate) * jnp.asarray((2 * math.pi) ** -0.5, gate.dtype)
+    return g * gate * cdf, g * value * (cdf + gate * pdf)
+
+
+_geglu_saving_inputs.defvjp(_geglu_forward, _geglu_backward)
+
+
+def geglu(value: jax.Array, gate: jax.Array) -> jax.Array:
+    """`value * gelu_erf(gate)`. On CPU with a hand-written VJP that saves only the two inputs
+    and recomputes the erf and the Gaussian density in the backward; autodiff of the erf
+    formula saves more activation-sized arrays, and every byte of XLA:CPU's temp buffer is
+    paged in afresh each step (the train step's buffer 492 -> 462 MiB, ~1% faster)."""
+    if jax.default_backend() == "cpu":
+        return _geglu_saving_inputs(value, gate)
+    return value * gelu_erf(gate)
+
+
 class _GegluProj(nn.Module):
     """diffusers' GEGLU `proj` (`net_0_proj`, one Dense to 2 x inner, split into value and
     gate) computed as two matmuls on the kernel's halves. The params are the Dense's (same
@@ -261,8 +291,11 @@ class _GegluProj(nn.Module):
         bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("mlp",)),
                           (2 * self.inner,), self.param_dtype)
         x, kernel, bias = promote_dtype(x, kernel, bias, dtype=self.dtype)
-        half = self.inner
-        return x @ kernel[:, :half] + bias[:half], x @ kernel[:, half:] + bias[half:]
+        lead, half = x.shape[:-1], self.inner
+        if flat_tokens_on_cpu(x):
+            x = x.reshape(-1, x.shape[-1])
+        value, gate = x @ kernel[:, :half] + bias[:half], x @ kernel[:, half:] + bias[half:]
+        return value.reshape(*lead, half), gate.reshape(*lead, half)
 
 
 class FeedForward(nn.Module):
@@ -275,7 +308,7 @@ class FeedForward(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         dim = x.shape[-1]
         value, gate = _GegluProj(dim * FF_MULT, name="net_0_proj", **kw)(x)
-        return dense(dim, ("mlp", "embed"), "net_2", **kw)(value * gelu_erf(gate))
+        return dense(dim, ("mlp", "embed"), "net_2", **kw)(geglu(value, gate))
 
 
 class BasicTransformerBlock(nn.Module):
@@ -428,7 +461,7 @@ class UNet2DConditionModel(nn.Module):
             block_skips, skips = skips[-n:][::-1], skips[:-n]
             upsample_to = tuple(skips[-1].shape[1:3]) if spec.resample else None
             x = UpBlock(cfg, spec, name=f"up_blocks_{i}", **kw)(x, block_skips, emb, context, upsample_to)
-        x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", **kw)(x))
+        x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", silu=True, **kw)(x)
         x = conv2d(cfg.out_channels, 3, "conv_out", **kw)(x)
         return nn.with_logical_constraint(x, IMAGE_NAMES)
 
