@@ -1,12 +1,15 @@
-"""Reflection-GRPO across devices, through rig-train on the committed ShapesSG models: one
-stage-2 (Editor) step on a (2, 2, 2) mesh of 8 fake CPU devices equals the single-device step
-(stage 1's: tests/test_grpo.py). Two processes joined by jax.distributed are not tested for
-the GRPO stages yet (a first attempt failed and was not debugged)."""
+"""Reflection-GRPO across devices and hosts, through rig-train on the committed ShapesSG models:
+one stage-2 (Editor) step on a (2, 2, 2) mesh of 8 fake CPU devices equals the single-device
+step (stage 1's: tests/test_grpo.py), and stage 1 (the Actor) on two processes joined by
+jax.distributed (4 fake devices each) logs what one process with 8 logs, held-out evaluation
+included, exports once, and its checkpoint restores and runs on in a single process."""
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
+import portpicker
 import pytest
 
 from tests.test_grpo import CONFIG, ROOT, _env, _records, _train_rows
@@ -71,7 +74,71 @@ def _same_rows(one: list[dict], two: list[dict]) -> None:
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), (a["step"], k, a[k], b[k])
 
 
+GLOO_DEADLINE = "Gloo context initialization failed"
+
+
+def _two_processes(workdir, *overrides) -> None:
+    """actor_tiny on two processes joined by jax.distributed, 4 fake CPU devices each. Gloo
+    gives up when one process reaches a new collective 30 s after the other (a cold compile
+    on two busy cores can lag that much), so that failure alone is run once more, from an
+    empty workdir, with the programs the first try compiled now in the cache."""
+    for attempt in range(2):
+        shutil.rmtree(workdir, ignore_errors=True)
+        port = portpicker.pick_unused_port()
+        procs = [subprocess.Popen(
+            [sys.executable, "-m", "rig_jax.tools.train", f"--config={CONFIG}:actor_tiny",
+             f"--workdir={workdir}", *ACTOR, *overrides, "--config.distributed.enabled=True",
+             f"--config.distributed.coordinator_address=localhost:{port}",
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
+            cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for i in range(2)]
+        logs = []
+        for p in procs:
+            try:
+                logs.append(p.communicate(timeout=TIMEOUT)[0])
+            except subprocess.TimeoutExpired:
+                for q in procs:
+                    q.kill()
+                pytest.fail(f"a process of the two-process run timed out after {TIMEOUT} s")
+        if all(p.returncode == 0 for p in procs):
+            return
+        if attempt or not any(GLOO_DEADLINE in log for log in logs):
+            break
+    bad = next(i for i, p in enumerate(procs) if p.returncode != 0)
+    pytest.fail(f"process {bad} of the two-process run failed:\n{logs[bad][-3000:]}")
+
+
 def _weights(folder) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     return load_file(os.path.join(folder, "model.safetensors"))
+
+
+@pytest.mark.multihost
+@pytest.mark.xfail(strict=True, reason=(
+    "rig_jax/rig/loop.py _first_images/_edit: np.asarray of the Diffuser's/Editor's output, an "
+    "array sharded across hosts, fails in the held-out evaluation on 2 processes (fix: "
+    "rig_jax.weights.mapping.to_host); remove this mark with the fix"))
+def test_actor_stage_on_two_processes_logs_what_one_process_logs(tmp_path):
+    single, multi = tmp_path / "single", tmp_path / "multi"
+    _rig_train("actor_tiny", single, *ACTOR, devices=8)          # 4 steps, evaluated at 2 and 4
+
+    _two_processes(multi, "--config.train.total_steps=2")
+    want = _rows(single)
+    _learns(_train_rows(single))
+    got = _rows(multi)                     # process 0 alone writes: one row per step, no duplicates
+    assert [r["step"] for r in got] == [1, 2, 2] and "eval/sg_iou_attr" in got[-1]
+    _same_rows(want[:3], got)
+    # process 0 exported once, whole (nothing half-written left beside it)
+    assert sorted(p for p in os.listdir(multi) if p.startswith("actor")) == ["actor"]
+    assert os.path.isfile(multi / "actor" / "config.json")
+    assert sorted(os.listdir(multi / "checkpoints")) == ["2"]
+
+    # the two-process checkpoint restores in one process with 8 devices and runs on to step 4
+    _rig_train("actor_tiny", multi, *ACTOR, devices=8)
+    _same_rows(want, _rows(multi))
+    assert [r["step"] for r in _train_rows(multi)] == [1, 2, 3, 4]
+    a, b = _weights(single / "actor"), _weights(multi / "actor")
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-6, err_msg=k)
