@@ -145,6 +145,13 @@ class Scene:
     colour_only: bool = False
 
 
+def world_from_config(section) -> ShapesConfig:
+    """A config's `world` section (image_size, min/max_objects, colours, shapes) as a world."""
+    return ShapesConfig(image_size=section.image_size, min_objects=section.min_objects,
+                        max_objects=section.max_objects, colours=tuple(section.colours),
+                        shapes=tuple(section.shapes))
+
+
 def relation_between(subject_centre: Sequence[float], object_centre: Sequence[float]) -> str:
     """The predicate for `subject <pred> object`: the dominant axis of the centre offset
     (ties go to the vertical axis; the generator never makes near-ties)."""

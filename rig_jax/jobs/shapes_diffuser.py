@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.data import edit_forms, shapes
+from rig_jax.data.shapes import world_from_config
 from rig_jax.errors import ConfigError
 from rig_jax.eval.scene_graph_iou import score_record
 from rig_jax.jobs import shapes_text
@@ -40,12 +41,6 @@ TEXT_LAYER = "last"
 
 
 # ----------------------------------------------------------------------------- configs
-
-def world_from_config(section: Any) -> shapes.ShapesConfig:
-    return shapes.ShapesConfig(image_size=section.image_size, min_objects=section.min_objects,
-                               max_objects=section.max_objects, colours=tuple(section.colours),
-                               shapes=tuple(section.shapes))
-
 
 def vae_config_dict(c: Any, image_size: int) -> dict[str, Any]:
     """diffusers AutoencoderKL config.json of the ShapesSG VAE."""

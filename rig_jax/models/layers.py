@@ -121,6 +121,20 @@ def _group_norm_cpu_backward(groups: int, epsilon: float, silu: bool, residuals:
 _group_norm_cpu.defvjp(_group_norm_cpu_forward, _group_norm_cpu_backward)
 
 
+
+def norm_scale(module: nn.Module, channels: int) -> jax.Array:
+    """A norm's per-channel scale (ones, logical axis `norm`), in the module's param dtype."""
+    return module.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+                        (channels,), module.param_dtype)
+
+
+def norm_affine(module: nn.Module, channels: int) -> tuple[jax.Array, jax.Array]:
+    """A norm's per-channel scale and bias (zeros), both on logical axis `norm`."""
+    scale = norm_scale(module, channels)
+    bias = module.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                        (channels,), module.param_dtype)
+    return scale, bias
+
 class GroupNorm(nn.Module):
     """GroupNorm over NHWC (or NLC) with float32 statistics (E[(x - mean)^2], like PyTorch),
     written out so that XLA fuses it with the SiLU that usually follows (`silu=True` applies
@@ -142,10 +156,7 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (c,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                          (c,), self.param_dtype)
+        scale, bias = norm_affine(self, c)
         x32, scale, bias = x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32)
         if jax.default_backend() == "cpu":
             y = _group_norm_cpu(x32, scale, bias, self.num_groups, self.epsilon, self.silu)
@@ -302,8 +313,7 @@ class RMSNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (x.shape[-1],), self.param_dtype)
+        scale = norm_scale(self, x.shape[-1])
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
         return normed.astype(self.dtype) * scale.astype(self.dtype)
@@ -357,10 +367,7 @@ class _CpuLayerNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-                           (c,), self.param_dtype)
-        bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                          (c,), self.param_dtype)
+        scale, bias = norm_affine(self, c)
         y = _layer_norm_cpu(x.astype(jnp.float32), scale.astype(jnp.float32), bias.astype(jnp.float32),
                             self.epsilon)
         return y.astype(self.dtype)

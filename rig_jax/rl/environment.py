@@ -83,16 +83,10 @@ def prompt_source(config: Any) -> ShapesPrompts | LaionPrompts:
     if p.source not in PROMPT_SOURCES:
         raise ConfigError(f"prompts.source: {p.source!r} is not one of {', '.join(PROMPT_SOURCES)}")
     if p.source == "shapes":
-        return ShapesPrompts(world_from_config(config.world), config.seed, p.eval_seed)
+        return ShapesPrompts(shapes.world_from_config(config.world), config.seed, p.eval_seed)
     if not p.data_dir:
         raise ConfigError("prompts.data_dir: required for prompts.source=laion_sg (the tfds build folder)")
     return LaionPrompts(p.data_dir, p.split, p.eval_split, config.seed)
-
-
-def world_from_config(section: Any) -> shapes.ShapesConfig:
-    from rig_jax.jobs.shapes_diffuser import world_from_config as from_section
-
-    return from_section(section)
 
 
 # ----------------------------------------------------------------------------- models

@@ -22,6 +22,35 @@ def group_settings(rl: Any) -> GroupSettings:
                          minibatches=rl.minibatches, epochs=rl.epochs)
 
 
+def stage_setup(config: Any, mesh: Any, rules: Any) -> tuple[GroupSettings, Any]:
+    """What both stages start with: the groups (checked against train.total_steps) and the
+    environment, with the Judge when a reward or a named VLM judge wants it."""
+    from rig_jax.rl.environment import build_environment, wants_judge
+
+    group = group_settings(config.rl)
+    check_total_steps(config.train.total_steps, group)
+    return group, build_environment(config, mesh, rules, need_judge=wants_judge(config))
+
+
+def export_whole(folder: str, params: Any, write: Any) -> None:
+    """`write(tmp, host_params)` into a sibling of `folder`, then swapped in whole (a crash
+    mid-write leaves the previous export, never a mix); process 0 writes."""
+    import shutil
+
+    import jax
+
+    from rig_jax.weights.io import swap_in_folder
+    from rig_jax.weights.mapping import to_host
+
+    params = jax.tree.map(to_host, params)
+    if jax.process_index() != 0:
+        return
+    tmp = folder + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp, params)
+    swap_in_folder(tmp, folder)
+
+
 def lora_settings(section: Any) -> LoRASettings | None:
     """`rl.lora` -> LoRASettings, or None when LoRA is off (the whole model trains)."""
     if not section.enabled:

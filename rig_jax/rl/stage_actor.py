@@ -23,20 +23,14 @@ import numpy as np
 from rig_jax.errors import ConfigError
 from rig_jax.models.lora import apply_lora, init_lora, merge_lora
 from rig_jax.rig.actor import GRID_KEY, ActorSettings, VLMActor, static_grid, token_logprobs
-from rig_jax.rl.environment import (
-    actor_temperature,
-    build_environment,
-    compute_dtype,
-    repeat_each,
-    wants_judge,
-)
+from rig_jax.rl.environment import actor_temperature, compute_dtype, repeat_each
 from rig_jax.rl.learner import (
     RolloutClock,
-    check_total_steps,
     choose_prompts,
-    group_settings,
+    export_whole,
     lora_settings,
     score_groups,
+    stage_setup,
 )
 from rig_jax.rl.losses import TokenLossSettings
 from rig_jax.rl.registry import LOSSES
@@ -45,7 +39,7 @@ from rig_jax.rl.rollout import generate_images, group_edit, minibatches, place_g
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.train.optimizer import OptimizerSettings
 from rig_jax.train.step import StepSettings
-from rig_jax.weights.io import read_json, swap_in_folder
+from rig_jax.weights.io import read_json
 
 EXPORT_DIR = "actor"
 WEIGHTS_FILE = "model.safetensors"
@@ -73,26 +67,20 @@ def actor_shardings(pipe: Any, mesh: Any, rules: Any) -> Any:
 
 
 def export_actor(source: str, folder: str, params: Any) -> None:
-    """A copy of the source folder with the trained weights, swapped in whole (a crash
-    mid-write leaves the previous export, never a mix)."""
-    from rig_jax.weights.mapping import to_host
+    """A copy of the source folder with the trained weights, swapped in whole."""
     from rig_jax.weights.qwen2_5_vl import save_qwen_vl
 
-    params = jax.tree.map(to_host, params)
-    if jax.process_index() != 0:
-        return
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
-    save_qwen_vl(tmp, read_json(os.path.join(source, "config.json")), params)
-    swap_in_folder(tmp, folder)
+    def write(tmp: str, host_params: Any) -> None:
+        weights = shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json")
+        shutil.copytree(source, tmp, ignore=weights)
+        save_qwen_vl(tmp, read_json(os.path.join(source, "config.json")), host_params)
+
+    export_whole(folder, params, write)
 
 
 def build_grpo_actor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> TrainJob:
     rl = config.rl
-    group = group_settings(rl)
-    check_total_steps(config.train.total_steps, group)
-    env = build_environment(config, mesh, rules, need_judge=wants_judge(config))
+    group, env = stage_setup(config, mesh, rules)
     if env.edit.sampler.eta != 0:
         raise ConfigError("editor.sampler.eta: stage 1 applies every edit prompt with eta = 0 (the words "
                           "are the only difference inside a group)")

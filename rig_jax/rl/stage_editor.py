@@ -12,7 +12,6 @@ trains and the reference is the base. Exports `<workdir>/editor`, a diffusers fo
 from __future__ import annotations
 
 import os
-import shutil
 from typing import Any
 
 import jax
@@ -23,14 +22,14 @@ from rig_jax.errors import ConfigError
 from rig_jax.models.lora import apply_lora, init_lora, merge_lora
 from rig_jax.rig.actor import ActorSettings, VLMActor
 from rig_jax.rig.diffuser import encode_prompts
-from rig_jax.rl.environment import actor_temperature, build_environment, repeat_each, wants_judge
+from rig_jax.rl.environment import actor_temperature, repeat_each
 from rig_jax.rl.learner import (
     RolloutClock,
-    check_total_steps,
     choose_prompts,
-    group_settings,
+    export_whole,
     lora_settings,
     score_groups,
+    stage_setup,
 )
 from rig_jax.rl.losses import DiffusionLossSettings
 from rig_jax.rl.registry import LOSSES
@@ -48,30 +47,20 @@ from rig_jax.rl.stage_actor import load_actor
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.train.optimizer import OptimizerSettings
 from rig_jax.train.step import StepSettings
-from rig_jax.weights.io import swap_in_folder
 
 EXPORT_DIR = "editor"
 
 
 def export_editor(folder: str, pipe: Any, params: Any) -> None:
-    """The Editor as a diffusers folder, written beside and swapped in whole."""
+    """The Editor as a diffusers folder, swapped in whole."""
     from rig_jax.weights.diffusers_pipeline import save_pipeline
-    from rig_jax.weights.mapping import to_host
 
-    params = jax.tree.map(to_host, params)
-    if jax.process_index() != 0:
-        return
-    tmp = folder + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_pipeline(tmp, pipe, params)
-    swap_in_folder(tmp, folder)
+    export_whole(folder, params, lambda tmp, host_params: save_pipeline(tmp, pipe, host_params))
 
 
 def build_grpo_editor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> TrainJob:
     rl = config.rl
-    group = group_settings(rl)
-    check_total_steps(config.train.total_steps, group)
-    env = build_environment(config, mesh, rules, need_judge=wants_judge(config))
+    group, env = stage_setup(config, mesh, rules)
     sampler = env.edit.sampler
     if not sampler.eta > 0:
         raise ConfigError("editor.sampler.eta: stage 2 trains a stochastic policy, set it > 0 (DDPO: 1.0)")
