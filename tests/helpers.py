@@ -122,6 +122,41 @@ def save_tiny_qwen_vl(folder: str, config, seed: int = 0, scale: float = 0.05):
     return model
 
 
+# Qwen2.5-VL's special tokens and a chat template reduced to user turns of images and text.
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% for c in message['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def save_tiny_vlm_folder(folder: str, corpus: list[str], vocab_size: int, seed: int = 0, **config):
+    """A tiny random Qwen2.5-VL in the Hugging Face layout: a byte-level BPE trained on `corpus`
+    with Qwen's special tokens and chat template, preprocessor_config.json, weights saved from
+    transformers (`config` overrides `tiny_qwen_vl_config`). Returns (model, tokenizer)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=QWEN_SPECIAL,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
+    fast.chat_template = QWEN_CHAT_TEMPLATE
+    fast.save_pretrained(folder)
+    Qwen2VLImageProcessorPil(max_pixels=28 * 28 * 16).save_pretrained(folder)
+    ids = {t: fast.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    cfg = tiny_qwen_vl_config(
+        **{"depth": 2, "vocab_size": len(fast), "image": ids["<|image_pad|>"], "video": ids["<|video_pad|>"],
+           "start": ids["<|vision_start|>"], "end": ids["<|vision_end|>"], "eos_token_id": ids["<|im_end|>"],
+           "pad_token_id": ids["<|endoftext|>"], **config})
+    return save_tiny_qwen_vl(str(folder), cfg, seed=seed), fast
+
+
 def hf_rope_positions(hf, ids: np.ndarray, mask: np.ndarray, grids: np.ndarray, image_token_id: int = IMAGE):
     """transformers' own M-RoPE positions (3, B, L) for a batch: `get_rope_index` with the image
     tokens marked, so parity tests never hand rig_jax's positions to the reference."""

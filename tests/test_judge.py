@@ -133,42 +133,17 @@ def test_errors_are_one_line():
 
 # ---------------------------------------------------------------- the Flax VLM as the generator
 
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
 @pytest.fixture(scope="module")
 def tiny_vlm_folder(tmp_path_factory):
     """A tiny random Qwen2.5-VL (every weight perturbed) with a tokenizer and image processor
     config, in one HF folder."""
     pytest.importorskip("torch")
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
+    from tests.helpers import save_tiny_vlm_folder
 
-    from tests.helpers import save_tiny_qwen_vl, tiny_qwen_vl_config
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["a red cube left of a blue ball on a wooden table", '{"scene_graph": []}'],
-                            trainers.BpeTrainer(vocab_size=320, special_tokens=SPECIAL,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
-    fast.chat_template = CHAT_TEMPLATE
     folder = tmp_path_factory.mktemp("tiny_vlm")
-    fast.save_pretrained(folder)
-    Qwen2VLImageProcessorPil(max_pixels=28 * 28 * 16).save_pretrained(folder)
-    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL}
-    cfg = tiny_qwen_vl_config(
-        depth=2, vocab_size=len(fast), image=ids["<|image_pad|>"], video=ids["<|video_pad|>"],
-        start=ids["<|vision_start|>"], end=ids["<|vision_end|>"], initializer_range=0.2,
-        eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"])
-    model = save_tiny_qwen_vl(str(folder), cfg, seed=0)
+    model, fast = save_tiny_vlm_folder(
+        folder, ["a red cube left of a blue ball on a wooden table", '{"scene_graph": []}'], vocab_size=320,
+        initializer_range=0.2)
     return str(folder), model, fast
 
 

@@ -18,14 +18,6 @@ CONFIG = os.path.join(ROOT, "configs", "laion_sg.py")
 LOGGED = ("rollout/reward_mean", "rollout/reward_std", "rollout/zero_std_fraction", "clip_fraction",
           "approx_kl", "ratio_mean", "grad_norm", "time/rollout_s", "rollout/score_before")
 PATHS = ("diffuser.path", "checker.path", "actor.path", "prompts.data_dir")
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-           "<|image_pad|>", "<|video_pad|>"]
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% for c in message['content'] %}"
-    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
 def _graphs():
@@ -59,28 +51,11 @@ def _qwen_vl_folder(folder, seed):
     """A tiny random Qwen2.5-VL in the Hugging Face layout (weights, config, tokenizer with a
     chat template, preprocessor_config.json). The byte-level BPE is trained on the Checker's and
     the Actor's question templates, so their questions stay a few hundred tokens long."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessorPil
-
     from rig_jax.vlm import prompts
-    from tests.helpers import save_tiny_qwen_vl, tiny_qwen_vl_config
+    from tests.helpers import save_tiny_vlm_folder
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
     corpus = [prompts.CHECKER_TEMPLATE, prompts.ACTOR_TEMPLATE, *(g.prompt() for g in _graphs())]
-    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=1000, special_tokens=SPECIAL,
-                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<|endoftext|>", eos_token="<|im_end|>")
-    fast.chat_template = CHAT_TEMPLATE
-    fast.save_pretrained(folder)
-    Qwen2VLImageProcessorPil(max_pixels=28 * 28 * 16).save_pretrained(folder)
-    ids = {t: fast.convert_tokens_to_ids(t) for t in SPECIAL}
-    config = tiny_qwen_vl_config(
-        depth=2, vocab_size=len(fast), image=ids["<|image_pad|>"], video=ids["<|video_pad|>"],
-        start=ids["<|vision_start|>"], end=ids["<|vision_end|>"], eos_token_id=ids["<|im_end|>"],
-        pad_token_id=ids["<|endoftext|>"])
-    save_tiny_qwen_vl(str(folder), config, seed=seed)
+    save_tiny_vlm_folder(folder, corpus, vocab_size=1000, seed=seed)
     return str(folder)
 
 
