@@ -25,13 +25,14 @@ import numpy as np
 
 from rig_jax.data.scene_graph import SceneGraph
 from rig_jax.diffusion.edit import EditStart, denoise_edit, invert_for_edit
-from rig_jax.diffusion.sampler import combine_guidance, sample
+from rig_jax.diffusion.sampler import combine_guidance
 from rig_jax.diffusion.schedulers import ddim_mean, gaussian_log_prob
 from rig_jax.diffusion.settings import EditSettings, SamplerSettings
 from rig_jax.errors import ConfigError
 from rig_jax.parallel.rules import LogicalRules, activation_sharding
 from rig_jax.rig.diffuser import (
     UNCONDITIONAL_PROMPT,
+    generate,
     images_to_latents,
     latent_shape,
     latents_to_images,
@@ -139,27 +140,16 @@ def edit_texts(graphs: Sequence[SceneGraph], edit_prompts: Sequence[str]) -> lis
 
 # ----------------------------------------------------------------------------- the Diffuser
 
-def _generate(pipe: SDPipeline, settings: SamplerSettings, params: Any, ids: jax.Array, mask: jax.Array,
-              uncond_ids: jax.Array, uncond_mask: jax.Array, noise: jax.Array) -> jax.Array:
-    cond = text_embeddings(pipe, params["text_encoder"], ids, mask)
-    uncond = text_embeddings(pipe, params["text_encoder"], uncond_ids, uncond_mask)
-    final = sample(unet_denoiser(pipe), params["unet"], noise, cond, uncond, pipe.schedule,
-                   settings.num_steps, settings.guidance_scale, guidance_rescale=settings.guidance_rescale)
-    return latents_to_images(pipe, params["vae"], final)
-
-
 def generate_images(pipe: SDPipeline, params: Any, graphs: Sequence[SceneGraph], settings: SamplerSettings,
                     rng: jax.Array, mesh: Any, rules: LogicalRules) -> np.ndarray:
-    """I_0 = D(P) for every graph (deterministic DDIM from noise of `rng`), batch-sharded."""
+    """I_0 = D(P) for every graph (deterministic DDIM from noise of `rng`), the noise placed
+    batch-sharded so the Diffuser's calls split over the data axes."""
     if settings.eta != 0:
         raise ConfigError("diffuser.sampler.eta: the Diffuser draws I_0 with eta = 0 in the rollouts")
-    text = tokenized(pipe, [g.prompt() for g in graphs])
-    uncond = tokenized(pipe, [UNCONDITIONAL_PROMPT])
     noise = np.asarray(jax.random.normal(rng, latent_shape(pipe, len(graphs), None, None), jnp.float32))
-    run = pipe.cached(("rl_generate", settings),
-                      lambda: jax.jit(functools.partial(_generate, pipe, settings)))
-    ids, mask, noise = place_global((text.ids, text.mask, noise), mesh, rules)
-    return to_host(run(params, ids, mask, uncond.ids, uncond.mask, noise))
+    images = generate(pipe, params, [g.prompt() for g in graphs], settings,
+                      init_latents=place_global(noise, mesh, rules))
+    return to_host(images)
 
 
 # ----------------------------------------------------------------------------- the Editor, G per latent
