@@ -14,6 +14,20 @@ SINGLE_FILE_NAMES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
 INDEX_FILE_NAMES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
 
 
+class StateDict(dict):
+    """A folder's tensors by key, plus `files`: the file each key was read from, so a misfit
+    tensor's error names its shard, not only the folder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.files: dict[str, str] = {}
+
+    def add_file(self, path: str, tensors: Mapping[str, np.ndarray]) -> None:
+        for key, value in tensors.items():
+            self[key] = value
+            self.files[key] = path
+
+
 def read_json(path: str) -> dict:
     """Reads a JSON file; a missing or malformed file is a WeightsError naming it."""
     if not os.path.isfile(path):
@@ -63,7 +77,7 @@ def _weight_files(folder: str) -> tuple[list[str], list[str]]:
     return plain, variants
 
 
-def load_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
+def load_safetensors_folder(folder: str) -> StateDict:
     """All tensors of a model folder: one safetensors file, or shards named by an index.
 
     Plain names win (an index before a single file); a variant (`*.fp16.safetensors`,
@@ -81,15 +95,18 @@ def load_safetensors_folder(folder: str) -> dict[str, np.ndarray]:
         index = read_json(index_path)
         if "weight_map" not in index:
             raise WeightsError(f"{index_path}: no 'weight_map'")
-        tensors: dict[str, np.ndarray] = {}
+        tensors = StateDict()
         for shard in sorted(set(index["weight_map"].values())):
             shard_path = os.path.join(folder, shard)
             if not os.path.isfile(shard_path):
                 raise WeightsError(f"{shard_path}: shard named in {chosen} not found")
-            tensors.update(_read_file(shard_path))
+            tensors.add_file(shard_path, _read_file(shard_path))
         return tensors
     if chosen is not None:
-        return _read_file(os.path.join(folder, chosen))
+        tensors = StateDict()
+        path = os.path.join(folder, chosen)
+        tensors.add_file(path, _read_file(path))
+        return tensors
     pickles = sorted(n for n in os.listdir(folder) if n.endswith((".bin", ".ckpt", ".pt")))
     if pickles:
         raise WeightsError(f"{folder}: only PyTorch pickle weights ({pickles[0]}); rig_jax reads safetensors "

@@ -19,22 +19,77 @@ from rig_jax.errors import WeightsError
 FlaxPath = tuple[str, ...]
 
 
+Shape = tuple[int, ...]
+
+# Every kind of layout change a key table may use, by name, with the source layout it reads.
+# A Transform of an unregistered kind cannot be built, so tests that walk this registry cover
+# every transform there is.
+TRANSFORM_KINDS: dict[str, str] = {
+    "identity": "any tensor, stored as the Flax param",
+    "linear": "nn.Linear weight (out, in) -> nn.Dense kernel (in, out)",
+    "conv2d": "nn.Conv2d weight (out, in, kh, kw) -> nn.Conv kernel (kh, kw, in, out)",
+    "conv1x1_to_linear": "1x1 nn.Conv2d weight (out, in, 1, 1) -> nn.Dense kernel (in, out)",
+    "conv_patch_to_linear": "nn.Conv3d weight (out, *kernel) with kernel = stride -> nn.Dense kernel "
+                            "(prod(kernel), out)",
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """How a tensor changes between the PyTorch layout and the Flax layout."""
+    """How a tensor changes between the PyTorch layout and the Flax layout.
+
+    `source_shape(flax_shape)` is the exact shape the stored tensor must have for a Flax param
+    of `flax_shape` (itself derived from the config): `convert_to_flax` checks it before
+    `to_flax` runs, so a tensor of the wrong rank, with axes swapped, or a k x k kernel where a
+    1 x 1 is expected, is a WeightsError naming the key instead of a numpy error or a silently
+    reshaped (or cut) tensor that merely ends with the right shape."""
     name: str
     to_flax: Callable[[np.ndarray], np.ndarray]
     to_torch: Callable[[np.ndarray], np.ndarray]
+    source_shape: Callable[[Shape], Shape]
+
+    def __post_init__(self) -> None:
+        if self.name not in TRANSFORM_KINDS:
+            raise ValueError(f"transform kind {self.name!r} is not registered in TRANSFORM_KINDS")
 
 
-IDENTITY = Transform("identity", lambda x: x, lambda x: x)
-# nn.Linear weight (out, in) <-> nn.Dense kernel (in, out)
-LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T)
-# nn.Conv2d weight (out, in, kh, kw) <-> nn.Conv kernel (kh, kw, in, out)
-CONV2D = Transform("conv2d", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
-# a 1x1 nn.Conv2d weight (out, in, 1, 1) <-> nn.Dense kernel (in, out)
+def _reversed_2d(shape: Shape) -> Shape:
+    if len(shape) != 2:
+        raise ValueError(f"a linear layout needs a 2-D Flax param, got {shape}")
+    return (shape[1], shape[0])
+
+
+def _conv2d_source(shape: Shape) -> Shape:
+    if len(shape) != 4:
+        raise ValueError(f"a conv2d layout needs a 4-D Flax kernel, got {shape}")
+    kh, kw, cin, cout = shape
+    return (cout, cin, kh, kw)
+
+
+IDENTITY = Transform("identity", lambda x: x, lambda x: x, lambda shape: tuple(shape))
+LINEAR = Transform("linear", lambda x: x.T, lambda x: x.T, _reversed_2d)
+CONV2D = Transform("conv2d", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1),
+                   _conv2d_source)
 CONV1X1_TO_LINEAR = Transform("conv1x1_to_linear", lambda x: x[:, :, 0, 0].T,
-                              lambda x: x.T[:, :, None, None])
+                              lambda x: x.T[:, :, None, None],
+                              lambda shape: _reversed_2d(shape) + (1, 1))
+
+
+def conv_patch_to_linear(kernel: Shape) -> Transform:
+    """A convolution whose kernel equals its stride (a patch embedding, e.g. Qwen2.5-VL's
+    Conv3d weight (E, C, T, p, p)) <-> the Dense kernel (C*T*p*p, E) on flattened patches.
+    `kernel` is `(C, T, p, p)` from the config: the flattened sizes alone cannot tell a
+    tensor with two axes swapped from the right one."""
+    kernel = tuple(int(k) for k in kernel)
+
+    def source(shape: Shape) -> Shape:
+        if len(shape) != 2 or shape[0] != int(np.prod(kernel)):
+            raise ValueError(f"a patch kernel {kernel} needs a ({int(np.prod(kernel))}, out) Flax param, "
+                             f"got {shape}")
+        return (shape[1], *kernel)
+
+    return Transform("conv_patch_to_linear", lambda x: x.reshape(x.shape[0], -1).T,
+                     lambda x: x.T.reshape((x.shape[1], *kernel)), source)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,9 +181,13 @@ def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: 
     source keys that are known and deliberately unused (buffers such as position ids).
     `place(path, array)` puts each converted leaf where it belongs (e.g. sharded on a mesh) as
     soon as it is converted; without it the leaves are host numpy arrays. The whole table is
-    checked against `expected` and the file's keys before anything is placed.
+    checked against `expected` and the file's keys before anything is placed. Each source tensor
+    must have exactly the shape its transform's `source_shape` derives from the expected param;
+    the error names the key and the file it came from (`state.files`, where `state` is the
+    `io.StateDict` a folder load returns).
     """
     expected_flat = flatten(expected)
+    files: Mapping[str, str] = getattr(state, "files", {})
     missing_paths = sorted(set(expected_flat) - set(table))
     if missing_paths:
         raise WeightsError(f"{source}: no key table entry for Flax param "
@@ -140,11 +199,18 @@ def convert_to_flax(state: Mapping[str, np.ndarray], table: KeyTable, expected: 
                                "which the model does not have")
         if entry.source_key not in state:
             raise WeightsError(f"{source}: missing key {entry.source_key}")
-        value = entry.transform.to_flax(np.asarray(state[entry.source_key]))
+        tensor = np.asarray(state[entry.source_key])
         want = tuple(expected_flat[path].shape)
-        if tuple(value.shape) != want:
+        where = files.get(entry.source_key, source)
+        need = entry.transform.source_shape(want)
+        if tuple(tensor.shape) != need:
             raise WeightsError(
-                f"{source}: key {entry.source_key} has shape {tuple(state[entry.source_key].shape)}, "
+                f"{where}: key {entry.source_key} has shape {tuple(tensor.shape)}; the config needs "
+                f"{need} for {'/'.join(path)} {want} ({entry.transform.name} layout)")
+        value = entry.transform.to_flax(tensor)
+        if tuple(value.shape) != want:   # a transform that disagrees with its own source_shape
+            raise WeightsError(
+                f"{where}: key {entry.source_key} has shape {tuple(tensor.shape)}, "
                 f"which gives {tuple(value.shape)} for {'/'.join(path)}; expected {want}")
         converted[path] = value  # a view of the file's tensor: cast (and placed) below
     used = {entry.source_key for entry in table.values()}

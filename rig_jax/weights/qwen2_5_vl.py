@@ -31,6 +31,7 @@ from rig_jax.weights.mapping import (
     KeyTable,
     KeyTableBuilder,
     Transform,
+    conv_patch_to_linear,
     convert_to_flax,
     convert_to_torch,
 )
@@ -207,11 +208,8 @@ def read_qwen_vl_config(folder: str) -> tuple[dict[str, Any], Qwen25VLConfig]:
 
 def _patch_embed_transform(vision: VisionConfig) -> Transform:
     """Conv3d weight (E, C, T, p, p) with kernel = stride <-> Dense kernel (C*T*p*p, E)."""
-    shape = (vision.hidden_size, vision.in_channels, vision.temporal_patch_size,
-             vision.patch_size, vision.patch_size)
-    return Transform("conv3d_patch_to_linear",
-                     lambda x: x.reshape(x.shape[0], -1).T,
-                     lambda x: x.T.reshape(shape))
+    return conv_patch_to_linear((vision.in_channels, vision.temporal_patch_size,
+                                 vision.patch_size, vision.patch_size))
 
 
 def qwen_vl_key_table(config: Qwen25VLConfig, layout: str = "legacy") -> KeyTable:
