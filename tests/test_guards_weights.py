@@ -4,6 +4,7 @@ rig-convert --overwrite killed mid-write."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import shutil
@@ -11,7 +12,7 @@ import shutil
 import numpy as np
 import pytest
 
-from rig_jax.errors import WeightsError
+from rig_jax.errors import ConfigError, WeightsError
 from rig_jax.weights.io import StateDict
 from rig_jax.weights.mapping import TRANSFORM_KINDS, convert_to_flax, flatten, unflatten
 from tests.helpers import save_tiny_vlm_folder
@@ -140,3 +141,120 @@ def test_loaders_refuse_swapped_patch_embed_and_kxk_for_1x1(tiny_sd, tiny_vlm, t
     path = _corrupt(unet, key, lambda x: np.repeat(np.repeat(x, 3, axis=2), 3, axis=3))
     with pytest.raises(WeightsError, match=re.escape(f"{path}: key {key} has shape (32, 32, 3, 3)")):
         load_unet(unet)
+
+
+# ---- tokenizers -----------------------------------------------------------------------------
+
+def _edit_json(path: str, edit) -> None:
+    with open(path) as f:
+        d = json.load(f)
+    edit(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def test_sd_tokenizer_must_have_its_vocabulary_fit_and_class(tiny_sd, tmp_path):
+    """A CLIP tokenizer folder without vocab.json/merges.txt (it loaded as a two-token
+    tokenizer), or whose vocabulary is its special tokens alone, is refused; ids beyond the
+    text encoder's vocab_size are refused naming both files, before any weights are read; the
+    model_index.json tokenizer class is honoured (CLIPTokenizer / CLIPTokenizerFast) or refused."""
+    from rig_jax.weights.diffusers_pipeline import load_pipeline, load_tokenizer, tokenizer_class
+
+    folder = str(tmp_path / "sd")
+    shutil.copytree(tiny_sd, folder)
+    tok = os.path.join(folder, "tokenizer")
+    bare = str(tmp_path / "bare")
+    shutil.copytree(tok, bare)
+    for name in ("vocab.json", "merges.txt", "tokenizer.json"):
+        if os.path.exists(os.path.join(bare, name)):
+            os.remove(os.path.join(bare, name))
+    with pytest.raises(WeightsError, match=re.escape(f"{bare}: no vocabulary (merges.txt and vocab.json")):
+        load_tokenizer(bare)
+    special_only = str(tmp_path / "special_only")
+    shutil.copytree(bare, special_only)
+    with open(os.path.join(special_only, "vocab.json"), "w") as f:
+        json.dump({"<|startoftext|>": 0, "<|endoftext|>": 1}, f)
+    with open(os.path.join(special_only, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    with pytest.raises(WeightsError, match=re.escape(f"{special_only}: the tokenizer has no vocabulary")):
+        load_tokenizer(special_only)
+
+    vocab_size = json.load(open(os.path.join(folder, "text_encoder", "config.json")))["vocab_size"]
+    _edit_json(os.path.join(tok, "tokenizer.json"), lambda t: t["model"]["vocab"].__setitem__("zebra</w>",
+                                                                                                vocab_size))
+    with pytest.raises(WeightsError, match=re.escape(
+            f"{tok}: tokenizer ids reach {vocab_size}, beyond the vocab_size {vocab_size} of "
+            f"{os.path.join(folder, 'text_encoder', 'config.json')}")):
+        load_pipeline(folder)
+    shutil.rmtree(tok)
+    shutil.copytree(os.path.join(tiny_sd, "tokenizer"), tok)
+
+    index_path = os.path.join(folder, "model_index.json")
+    index = json.load(open(index_path))
+    assert tokenizer_class(index, index_path) == "CLIPTokenizer"
+    assert tokenizer_class({**index, "tokenizer": ["transformers", "CLIPTokenizerFast"]}, index_path) == \
+        "CLIPTokenizerFast"
+    assert len(load_tokenizer(tok, "CLIPTokenizerFast")) == vocab_size
+    _edit_json(index_path, lambda d: d.__setitem__("tokenizer", ["transformers", "T5Tokenizer"]))
+    with pytest.raises(ConfigError, match=re.escape(f"{index_path}: component tokenizer is ['transformers', "
+                                                    "'T5Tokenizer']")):
+        load_pipeline(folder)
+    _edit_json(os.path.join(tok, "tokenizer_config.json"), lambda d: d.update(tokenizer_class="T5Tokenizer"))
+    with pytest.raises(WeightsError, match="tokenizer_class 'T5Tokenizer' is not a CLIP tokenizer"):
+        load_tokenizer(tok)
+
+
+def test_vlm_tokenizer_and_special_token_ids_must_agree(tiny_vlm, tmp_path):
+    """The VLM's tokenizer must hold a vocabulary and fit the text model's vocab_size; its eos /
+    pad ids must agree among config.json's top level, its text_config and
+    generation_config.json (which may list extra stops); a config without eos ids takes the
+    generation config's, so the judge's stop tokens follow."""
+    from rig_jax.vlm.pipeline import load_tokenizer, load_vlm_pipeline, stop_tokens
+    from rig_jax.weights.qwen2_5_vl import read_qwen_vl_config
+
+    folder = str(tmp_path / "vlm")
+    shutil.copytree(tiny_vlm, folder)
+    config_path = os.path.join(folder, "config.json")
+    generation_path = os.path.join(folder, "generation_config.json")
+    original = json.load(open(config_path))
+    eos, pad = original["text_config"]["eos_token_id"], original["text_config"]["pad_token_id"]
+    assert read_qwen_vl_config(folder)[1].eos_token_ids == (eos,)
+
+    _edit_json(config_path, lambda d: d.update(eos_token_id=eos + 1))
+    with pytest.raises(WeightsError, match=re.escape(
+            f"{config_path}: eos_token_id [{eos + 1}] (top level) and text_config.eos_token_id [{eos}] "
+            "disagree")):
+        read_qwen_vl_config(folder)
+    _edit_json(config_path, lambda d: d.update(eos_token_id=eos))
+    read_qwen_vl_config(folder)
+
+    _edit_json(generation_path, lambda d: d.update(eos_token_id=[eos + 1]))
+    with pytest.raises(WeightsError, match=re.escape(
+            f"{generation_path}: eos_token_id [{eos + 1}] lacks the eos ids [{eos}] of {config_path}")):
+        read_qwen_vl_config(folder)
+    _edit_json(generation_path, lambda d: d.update(eos_token_id=[eos, pad], pad_token_id=pad + 1))
+    with pytest.raises(WeightsError, match=re.escape(
+            f"{generation_path}: pad_token_id [{pad + 1}] disagrees with {pad} in {config_path}")):
+        read_qwen_vl_config(folder)
+    _edit_json(generation_path, lambda d: d.update(pad_token_id=pad))
+    assert read_qwen_vl_config(folder)[1].eos_token_ids == (eos,)
+
+    # a config that gives no eos id takes the generation config's: the stop tokens follow
+    end_of_text = eos + 5
+    _edit_json(config_path, lambda d: (d.pop("eos_token_id"), d["text_config"].update(eos_token_id=None)))
+    _edit_json(generation_path, lambda d: d.update(eos_token_id=[end_of_text]))
+    config = read_qwen_vl_config(folder)[1]
+    assert config.eos_token_ids == (end_of_text,)
+    assert end_of_text in stop_tokens(config, load_tokenizer(folder))
+
+    shutil.rmtree(folder)
+    shutil.copytree(tiny_vlm, folder)
+    tokenizer = load_tokenizer(folder)
+    _edit_json(config_path, lambda d: d["text_config"].__setitem__("vocab_size", len(tokenizer) - 1))
+    with pytest.raises(WeightsError, match=re.escape(
+            f"{folder}: tokenizer ids reach {len(tokenizer) - 1}, beyond the vocab_size {len(tokenizer) - 1} "
+            f"of {config_path}")):
+        load_vlm_pipeline(folder)
+    os.remove(os.path.join(folder, "tokenizer.json"))
+    with pytest.raises(WeightsError, match=re.escape(f"{folder}: no tokenizer vocabulary")):
+        load_tokenizer(folder)

@@ -18,7 +18,8 @@ from rig_jax.errors import WeightsError
 from rig_jax.models.qwen2_5_vl.model import Qwen25VL, Qwen25VLConfig
 from rig_jax.parallel.rules import LogicalRules
 from rig_jax.vlm.processor import ImageProcessorConfig
-from rig_jax.weights.qwen2_5_vl import load_qwen_vl
+from rig_jax.weights.io import check_tokenizer_fits, check_tokenizer_vocabulary
+from rig_jax.weights.qwen2_5_vl import CONFIG_NAME, load_qwen_vl, read_qwen_vl_config
 
 END_OF_TURN = "<|im_end|>"
 
@@ -37,13 +38,21 @@ class VLMPipeline:
 
 
 def load_tokenizer(folder: str) -> Any:
-    """transformers' tokenizer of a local folder; any failure names the folder."""
+    """transformers' tokenizer of a local folder; any failure names the folder. The folder must
+    hold a vocabulary (tokenizer.json, or vocab.json and merges.txt) and the tokenizer more
+    than its special tokens: without one, every prompt would encode alike."""
     from transformers import AutoTokenizer
 
+    names = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        raise WeightsError(f"{folder}: no tokenizer vocabulary (neither tokenizer.json nor vocab.json "
+                           "and merges.txt)")
     try:
-        return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise WeightsError(f"{folder}: cannot load the tokenizer ({str(e).splitlines()[0]})") from None
+    check_tokenizer_vocabulary(tokenizer, folder)
+    return tokenizer
 
 
 def stop_tokens(config: Qwen25VLConfig, tokenizer: Any) -> tuple[int, ...]:
@@ -68,10 +77,14 @@ def load_vlm_pipeline(folder: str, dtype: Any = None, param_dtype: Any = None, *
         raise WeightsError(f"{folder}: folder not found")
     tokenizer = load_tokenizer(folder)
     image_config = ImageProcessorConfig.from_folder(folder)
+    # checked before any weights are read: ids beyond the embedding table are gathered silently
+    check_tokenizer_fits(tokenizer, read_qwen_vl_config(folder)[1].text.vocab_size, folder,
+                         os.path.join(folder, CONFIG_NAME))
     dtype = jnp.bfloat16 if dtype is None else dtype
     config, model, params = load_qwen_vl(folder, dtype=dtype, param_dtype=dtype if param_dtype is None
                                          else param_dtype, mesh=mesh, rules=rules)
-    pad_id = int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else 0
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else config.pad_token_id
+    pad_id = int(pad) if pad is not None else 0
     pipe = VLMPipeline(model=model, config=config, tokenizer=tokenizer, image_config=image_config,
                        stop_token_ids=stop_tokens(config, tokenizer), pad_id=pad_id, source=folder)
     return pipe, params

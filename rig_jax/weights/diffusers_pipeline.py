@@ -34,13 +34,26 @@ from rig_jax.weights.clip_text import (
     clip_boxed_params,
     clip_text_config_from_hf,
     load_clip_text,
+    read_clip_text_config,
     save_clip_text,
 )
-from rig_jax.weights.io import read_json, write_json
+from rig_jax.weights.io import check_tokenizer_fits, check_tokenizer_vocabulary, read_json, write_json
 from rig_jax.weights.mapping import check_param_tree
 from rig_jax.weights.placement import place_tree
-from rig_jax.weights.unet import load_unet, save_unet, unet_boxed_params, unet_config_from_diffusers
-from rig_jax.weights.vae import load_vae, save_vae, vae_boxed_params, vae_config_from_diffusers
+from rig_jax.weights.unet import (
+    load_unet,
+    read_unet_config,
+    save_unet,
+    unet_boxed_params,
+    unet_config_from_diffusers,
+)
+from rig_jax.weights.vae import (
+    load_vae,
+    read_vae_config,
+    save_vae,
+    vae_boxed_params,
+    vae_config_from_diffusers,
+)
 
 MODEL_INDEX = "model_index.json"
 SCHEDULER_CONFIG = os.path.join("scheduler", "scheduler_config.json")
@@ -156,17 +169,52 @@ def read_tokenizer_files(folder: str) -> dict[str, bytes]:
     return files
 
 
-def load_tokenizer(folder: str) -> Any:
-    """transformers' CLIPTokenizer from a local folder; any failure names the folder."""
+# Tokenizer classes a model_index.json may name for an SD 1.x/2.x pipeline (transformers 5 has one
+# CLIPTokenizer class for both; older versions had a separate fast one).
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast")
+
+
+def tokenizer_class(index: Mapping[str, Any], index_path: str) -> str:
+    """The tokenizer class `model_index.json` names: one of TOKENIZER_CLASSES from transformers,
+    else a ConfigError (another tokenizer would be read as CLIP's and encode different ids)."""
+    library, name = _component_entry(index, "tokenizer", index_path)
+    if library != "transformers" or name not in TOKENIZER_CLASSES:
+        raise ConfigError(f"{index_path}: component tokenizer is [{library!r}, {name!r}]; a Stable Diffusion "
+                          f"pipeline is read with transformers {' or '.join(TOKENIZER_CLASSES)} only")
+    return name
+
+
+def load_tokenizer(folder: str, class_name: str = "CLIPTokenizer") -> Any:
+    """transformers' CLIP tokenizer (`class_name`, as `model_index.json` names it) from a local
+    folder; any failure names the folder. The folder must hold its vocabulary (vocab.json and
+    merges.txt, or tokenizer.json): without it transformers builds a tokenizer of the special
+    tokens alone, which turns every prompt into the same ids. A `tokenizer_class` in the
+    folder's tokenizer_config.json that is no CLIP tokenizer is refused too."""
     import transformers
 
     if not os.path.isdir(folder):
         raise WeightsError(f"{folder}: folder not found")
+    if class_name not in TOKENIZER_CLASSES:
+        raise ConfigError(f"{folder}: tokenizer class {class_name!r} is not one of {TOKENIZER_CLASSES}")
+    names = set(os.listdir(folder))
+    if "tokenizer.json" not in names and not {"vocab.json", "merges.txt"} <= names:
+        missing = sorted({"vocab.json", "merges.txt"} - names)
+        raise WeightsError(f"{folder}: no vocabulary ({' and '.join(missing)} missing, and no "
+                           "tokenizer.json)")
+    config_path = os.path.join(folder, "tokenizer_config.json")
+    if "tokenizer_config.json" in names:
+        declared = read_json(config_path).get("tokenizer_class")
+        if declared is not None and declared not in TOKENIZER_CLASSES:
+            raise WeightsError(f"{config_path}: tokenizer_class {declared!r} is not a CLIP tokenizer "
+                               f"(the pipeline names {class_name})")
+    cls = getattr(transformers, class_name, None) or transformers.CLIPTokenizer
     try:
-        return transformers.CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+        tokenizer = cls.from_pretrained(folder, local_files_only=True)
     except Exception as e:  # transformers raises OSError, ValueError, TypeError, ... by file
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise WeightsError(f"{folder}: cannot load the CLIP tokenizer ({reason})") from None
+    check_tokenizer_vocabulary(tokenizer, folder)
+    return tokenizer
 
 
 def _check_text_layer(text_layer: str) -> None:
@@ -175,8 +223,11 @@ def _check_text_layer(text_layer: str) -> None:
 
 
 def _check_consistency(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPTextConfig,
-                       tokenizer: Any, source: str) -> None:
-    """The parts must fit each other, or generation fails deep inside jit."""
+                       tokenizer: Any, source: str, tokenizer_source: str | None = None,
+                       text_source: str | None = None) -> None:
+    """The parts must fit each other, or generation fails deep inside jit (or, for token ids
+    beyond the text encoder's vocabulary, gives an all-black image without a word).
+    `tokenizer_source` / `text_source` name the tokenizer folder and the text encoder config."""
     if text_config.hidden_size != unet_config.cross_attention_dim:
         raise ConfigError(f"{source}: text_encoder hidden_size {text_config.hidden_size} differs from unet "
                           f"cross_attention_dim {unet_config.cross_attention_dim}")
@@ -188,6 +239,9 @@ def _check_consistency(unet_config: UNetConfig, vae_config: VAEConfig, text_conf
         raise ConfigError(f"{source}: tokenizer model_max_length {max_length!r} must be an integer in "
                           f"[1, {text_config.max_position_embeddings}] (the text encoder's "
                           "max_position_embeddings)")
+    check_tokenizer_fits(tokenizer, text_config.vocab_size,
+                         tokenizer_source or os.path.join(source, "tokenizer"),
+                         text_source or os.path.join(source, "text_encoder", "config.json"))
 
 
 def _assemble(unet_config: UNetConfig, vae_config: VAEConfig, text_config: CLIPTextConfig, tokenizer: Any,
@@ -218,17 +272,22 @@ def load_pipeline(folder: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.
     """
     _check_text_layer(text_layer)
     index = read_model_index(folder)
+    tokenizer_cls = tokenizer_class(index, os.path.join(folder, MODEL_INDEX))
     for name in COMPONENTS:
         if not os.path.isdir(os.path.join(folder, name)):
             raise WeightsError(f"{os.path.join(folder, name)}: folder not found (named in {MODEL_INDEX})")
+    tokenizer_dir = os.path.join(folder, "tokenizer")
+    tokenizer_files = read_tokenizer_files(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, tokenizer_cls)
+    # the parts are checked against each other before any weights are read
+    _check_consistency(read_unet_config(os.path.join(folder, "unet"))[1],
+                       read_vae_config(os.path.join(folder, "vae"))[1],
+                       read_clip_text_config(os.path.join(folder, "text_encoder"))[1], tokenizer, folder)
     place = {"mesh": mesh, "rules": rules}
     unet_config, _, unet_params = load_unet(os.path.join(folder, "unet"), dtype, param_dtype, **place)
     vae_config, _, vae_params = load_vae(os.path.join(folder, "vae"), dtype, param_dtype, **place)
     text_config, _, text_params = load_clip_text(os.path.join(folder, "text_encoder"), dtype, param_dtype,
                                                  **place)
-    tokenizer_dir = os.path.join(folder, "tokenizer")
-    tokenizer_files = read_tokenizer_files(tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
     configs = {
         "model_index": index,
         "unet": read_json(os.path.join(folder, "unet", "config.json")),
@@ -351,7 +410,10 @@ def load_pipeline_checkpoint(path: str, dtype: Any = jnp.float32, param_dtype: A
     text_config = clip_text_config_from_hf(configs["text_encoder"], source=f"{path} (text_encoder config)")
     tokenizer_dir = os.path.join(path, metadata.get("tokenizer_dir", CHECKPOINT_TOKENIZER_DIR))
     tokenizer_files = read_tokenizer_files(tokenizer_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, tokenizer_class(configs["model_index"],
+                                                              f"{path} (model_index config)"))
+    _check_consistency(unet_config, vae_config, text_config, tokenizer, path, tokenizer_dir,
+                       f"{path} (text_encoder config)")
     pipe = _assemble(unet_config, vae_config, text_config, tokenizer, configs, tokenizer_files, text_layer,
                      dtype, param_dtype, path)
     restored, _ = load_checkpoint(path)

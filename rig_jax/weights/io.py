@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -128,6 +129,32 @@ def save_safetensors(tensors: Mapping[str, np.ndarray], path: str,
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, tmp,
               metadata=dict(metadata or {"format": "pt"}))
     os.replace(tmp, path)
+
+
+def tokenizer_ids(tokenizer: Any) -> tuple[int, int]:
+    """(number of non-special vocabulary entries, largest id the tokenizer can emit)."""
+    vocab = tokenizer.get_vocab()
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    ids = list(vocab.values()) + [int(i) for i in getattr(tokenizer, "all_special_ids", ()) if i is not None]
+    return sum(1 for token in vocab if token not in special), max(ids, default=-1)
+
+
+def check_tokenizer_vocabulary(tokenizer: Any, folder: str) -> None:
+    """A tokenizer whose vocabulary is its special tokens alone (a folder missing its vocabulary
+    files, which transformers loads without a word) encodes every prompt alike: refused."""
+    words, _ = tokenizer_ids(tokenizer)
+    if words == 0:
+        raise WeightsError(f"{folder}: the tokenizer has no vocabulary beyond its special tokens "
+                           "(vocabulary file missing or empty)")
+
+
+def check_tokenizer_fits(tokenizer: Any, vocab_size: int, tokenizer_source: str, model_source: str) -> None:
+    """Every id the tokenizer can emit must index the text model's embedding table: an id
+    `>= vocab_size` is gathered out of range, which XLA clamps or fills silently."""
+    _, largest = tokenizer_ids(tokenizer)
+    if largest >= vocab_size:
+        raise WeightsError(f"{tokenizer_source}: tokenizer ids reach {largest}, beyond the vocab_size "
+                           f"{vocab_size} of {model_source} (the tokenizer belongs to another model)")
 
 
 def swap_in_folder(new: str, folder: str) -> None:

@@ -10,6 +10,7 @@ reader takes the nested (transformers >= 5) and the flat (hub, transformers 4) `
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -38,6 +39,7 @@ from rig_jax.weights.mapping import (
 from rig_jax.weights.placement import boxed_params, placer
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 WEIGHTS_NAME = "model.safetensors"
 LAYOUTS = {
     "hf5": {"lm": "model.language_model.", "visual": "model.visual."},
@@ -165,6 +167,43 @@ def _vision_config(fields: FieldReader) -> VisionConfig:
     return cfg
 
 
+def _agreed_token_ids(top: FieldReader, text: FieldReader | None, source: str) -> dict[str, tuple[int, ...]]:
+    """bos / eos / pad ids where the top level and `text_config` give them: where both do, they
+    must be equal (a WeightsError names both values); where one does, it holds."""
+    out = {}
+    for field in sorted(_TOKEN_FIELDS):
+        given = top.token_ids(field, None)
+        if text is not None:
+            inner = text.token_ids(field, None)
+            if given and inner and set(given) != set(inner):
+                raise WeightsError(f"{source}: {field} {list(given)} (top level) and text_config.{field} "
+                                   f"{list(inner)} disagree")
+            given = given or inner
+        out[field] = given
+    return out
+
+
+def check_generation_tokens(config: Qwen25VLConfig, generation: Mapping[str, Any], source: str,
+                            generation_source: str) -> Qwen25VLConfig:
+    """`generation_config.json`'s token ids against `config`'s: its eos ids must include every
+    config eos id (it may list more stops, as the hub's Qwen2.5-VL does), its pad and bos ids
+    must equal the config's where both are given; a disagreement is a WeightsError naming both
+    files and values. A config without eos ids takes the generation config's."""
+    fields = FieldReader(generation, generation_source)
+    eos = fields.token_ids("eos_token_id", None)
+    if eos and config.eos_token_ids and not set(config.eos_token_ids) <= set(eos):
+        raise WeightsError(f"{generation_source}: eos_token_id {list(eos)} lacks the eos ids "
+                           f"{list(config.eos_token_ids)} of {source}")
+    for field, ours in (("pad_token_id", config.pad_token_id), ("bos_token_id", config.bos_token_id)):
+        theirs = fields.token_ids(field, None)
+        if ours is not None and theirs and set(theirs) != {ours}:
+            raise WeightsError(f"{generation_source}: {field} {list(theirs)} disagrees with {ours} in "
+                               f"{source}")
+    if eos and not config.eos_token_ids:
+        return dataclasses.replace(config, eos_token_ids=tuple(eos))
+    return config
+
+
 def qwen_vl_config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> Qwen25VLConfig:
     """Reads a transformers `config.json` dict, the nested (transformers >= 5) or the flat
     (hub, transformers 4) form. Unsupported fields raise ConfigError naming them."""
@@ -183,24 +222,32 @@ def qwen_vl_config_from_hf(d: Mapping[str, Any], source: str = "config.json") ->
                        f"hidden_size {text.hidden_size}")
     text_d = text_fields.values
     tie = bool(d.get("tie_word_embeddings", False) or text_d.get("tie_word_embeddings", False))
-    tokens = FieldReader({k: text_d.get(k, d.get(k)) for k in _TOKEN_FIELDS}, source)
-    bos, pad = tokens.token_ids("bos_token_id"), tokens.token_ids("pad_token_id")
+    tokens = _agreed_token_ids(top, text_fields if nested else None, source)
+    bos, pad = tokens["bos_token_id"], tokens["pad_token_id"]
     ids = {field: top.integer(field, minimum=0)
            for field in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
            if field in d}
     return Qwen25VLConfig(text=text, vision=vision, tie_word_embeddings=tie,
                           bos_token_id=bos[0] if bos else None,
-                          eos_token_ids=tokens.token_ids("eos_token_id"),
+                          eos_token_ids=tokens["eos_token_id"],
                           pad_token_id=pad[0] if pad else None, **ids)
 
 
 def read_qwen_vl_config(folder: str) -> tuple[dict[str, Any], Qwen25VLConfig]:
-    """`(raw config.json dict, parsed Qwen25VLConfig)` of a local Hugging Face folder."""
+    """`(raw config.json dict, parsed Qwen25VLConfig)` of a local Hugging Face folder; the
+    token ids of its generation_config.json, if any, must agree (`check_generation_tokens`)."""
     if not os.path.isdir(folder):
         raise WeightsError(f"{folder}: folder not found")
     path = os.path.join(folder, CONFIG_NAME)
     raw = read_json(path)
-    return raw, qwen_vl_config_from_hf(raw, source=path)
+    config = qwen_vl_config_from_hf(raw, source=path)
+    generation_path = os.path.join(folder, GENERATION_CONFIG_NAME)
+    if os.path.isfile(generation_path):
+        generation = read_json(generation_path)
+        if not isinstance(generation, Mapping):
+            raise WeightsError(f"{generation_path}: expected a JSON object")
+        config = check_generation_tokens(config, generation, path, generation_path)
+    return raw, config
 
 
 # ---- key tables -------------------------------------------------------------------
