@@ -18,22 +18,30 @@ Public API
 Record validation, in checking order (the first failure names the kind):
 `not_object`, `missing_field`, `wrong_type` (any field of the record, an item or a relation
 with the wrong JSON type; ids must be int and not bool; `attributes` a list of str),
-`empty_img_id`, `empty_label`, `empty_attribute`, `duplicate_item_id`, `no_relations`,
+`empty_img_id`, `unsafe_name` (an absolute `name`, one with a `..` part or a NUL: images are
+looked up as `image_dir/<name>`, and a record must not make a tool read a file outside
+`image_dir`), `empty_label`, `empty_attribute`, `duplicate_item_id`, `no_relations`,
 `empty_predicate`, `missing_item` (a relation's item1/item2 is no item's id),
 `self_relation` (item1 == item2: "a left of a" cannot be drawn or judged, so the record is
 dropped rather than the relation, as for `missing_item`); and, across a file,
-`duplicate_img_id` (the second and later records with an already seen img_id). Empty or
+`duplicate_img_id` (the second and later records with an already seen img_id) and, in a
+JSON-lines file, `malformed_json` (a line that is not JSON: truncated, garbage, or nested
+deeper than Python's parser allows); the other lines are kept. Empty or
 whitespace-only strings count as empty. A valid record is returned as a fresh dict holding
 exactly the schema's fields (unknown fields are dropped).
 """
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import io
 import json
 import logging
 import os
+import re
+import shutil
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -52,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 BUILDER_NAME = "laion_sg"
+# tfds builds in `<dataset>/incomplete.<random>_<version>`, then renames it to `<version>`.
+INCOMPLETE_PREFIX = tfds.core.constants.INCOMPLETE_PREFIX
 
 RECORD_FIELDS: dict[str, type] = {
     "img_id": str, "name": str, "caption_ori": str, "score": str, "url": str,
@@ -63,10 +73,14 @@ RELATION_FIELDS: dict[str, type] = {
 }
 
 SKIP_KINDS = (
-    "not_object", "missing_field", "wrong_type", "empty_img_id", "empty_label", "empty_attribute",
-    "duplicate_item_id", "no_relations", "empty_predicate", "missing_item", "self_relation",
-    "duplicate_img_id",
+    "not_object", "missing_field", "wrong_type", "empty_img_id", "unsafe_name", "empty_label",
+    "empty_attribute", "duplicate_item_id", "no_relations", "empty_predicate", "missing_item",
+    "self_relation", "duplicate_img_id", "malformed_json",
 )
+
+# Largest image (width x height) any reader here decodes: PIL's own decompression-bomb
+# threshold, refused from the header, before a byte of pixels is allocated.
+MAX_IMAGE_PIXELS = 89_478_485
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +107,23 @@ def _blank(text: str) -> bool:
     return not text.strip()
 
 
+def unsafe_name(name: str) -> bool:
+    """True for a record `name` that could address a file outside the image folder: absolute
+    (POSIX or Windows), with a drive, with a `..` part, or holding a NUL."""
+    if "\x00" in name or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        return True
+    return ".." in re.split(r"[\\/]", name)
+
+
+def image_size_problem(size: tuple[int, int]) -> str | None:
+    """Why an image whose header claims `size` (width, height) is refused, or None."""
+    width, height = size
+    if width * height > MAX_IMAGE_PIXELS:
+        return (f"header claims {width}x{height} pixels, more than the {MAX_IMAGE_PIXELS} "
+                "pixels read here (a decompression bomb or a corrupt header)")
+    return None
+
+
 def validate_record(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
     """Checks one LAION-SG record; returns `(normalised record, None)` or `(None, kind)`.
 
@@ -117,6 +148,8 @@ def validate_record(obj: Any) -> tuple[dict[str, Any] | None, str | None]:
 
     if _blank(obj["img_id"]):
         return None, "empty_img_id"
+    if unsafe_name(obj["name"]):
+        return None, "unsafe_name"
     if any(_blank(it["label"]) for it in items):
         return None, "empty_label"
     if any(_blank(a) for it in items for a in it["attributes"]):
@@ -156,33 +189,45 @@ class SkipSummary:
         return f"{self.path}: kept {self.kept} of {self.total} records; skipped: {skipped}"
 
 
-def _parse_json_file(path: Path) -> list[Any]:
-    """The file's top-level values: a JSON list, a single JSON object, or JSON lines."""
+def _json_value(text: str) -> tuple[bool, Any, str]:
+    """(ok, value, why not): strict JSON; nesting beyond Python's recursion limit is a
+    failure like any other, never a RecursionError."""
+    try:
+        return True, json.loads(text), ""
+    except json.JSONDecodeError as err:
+        return False, None, f"{err.msg} at line {err.lineno} column {err.colno}"
+    except RecursionError:
+        return False, None, "nested deeper than the JSON parser allows"
+
+
+def _parse_json_file(path: Path) -> tuple[list[Any], int]:
+    """The file's top-level values (a JSON list, a single JSON object, or JSON lines) and the
+    number of JSON-lines lines that are not JSON (skipped, like any other malformed record)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DataError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as whole_err:
-        where = f"{whole_err.msg} at line {whole_err.lineno} column {whole_err.colno}"
-        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-        if len(lines) < 2:
-            raise DataError(f"{path}: not JSON ({where})") from None
+    ok, value, where = _json_value(text)
+    if not ok:
+        # A file that opens a list is one JSON document (LAION-SG's own format): truncated or
+        # broken, it has no record boundaries to recover. Anything else is read as JSON lines.
+        lines = [line for line in text.splitlines() if line.strip()]
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path}: not JSON ({where})")
         values = []
-        for lineno, line in lines:
-            try:
-                values.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{path}: not JSON ({where}) nor JSON lines (line {lineno} is not "
-                                "a JSON value)") from None
-        return values
+        for line in lines:
+            line_ok, line_value, _ = _json_value(line)
+            if line_ok:
+                values.append(line_value)
+        if not values:
+            raise DataError(f"{path}: not JSON ({where}) nor JSON lines (no line is a JSON value)")
+        return values, len(lines) - len(values)
     if isinstance(value, list):
-        return value
+        return value, 0
     if isinstance(value, dict):
-        return [value]
+        return [value], 0
     raise DataError(f"{path}: top level is a JSON {type(value).__name__}, expected a list of records")
 
 
@@ -193,9 +238,11 @@ def load_laion_sg_json(path: str | os.PathLike) -> tuple[list[dict[str, Any]], S
     (e.g. truncated) or holds no valid record.
     """
     path = Path(path)
-    values = _parse_json_file(path)
+    values, bad_lines = _parse_json_file(path)
     records: list[dict[str, Any]] = []
     skipped: collections.Counter[str] = collections.Counter()
+    if bad_lines:
+        skipped["malformed_json"] = bad_lines
     seen_ids: set[str] = set()
     for value in values:
         record, reason = validate_record(value)
@@ -206,7 +253,7 @@ def load_laion_sg_json(path: str | os.PathLike) -> tuple[list[dict[str, Any]], S
             continue
         seen_ids.add(record["img_id"])
         records.append(record)
-    summary = SkipSummary(str(path), len(values), len(records), dict(skipped))
+    summary = SkipSummary(str(path), len(values) + bad_lines, len(records), dict(skipped))
     if not records:
         raise DataError(f"{path}: no valid LAION-SG record ({str(summary).split('; ', 1)[1]})")
     logger.log(logging.WARNING if skipped else logging.INFO, "%s", summary)
@@ -248,10 +295,17 @@ def _read_image_bytes(image_dir: Path, split: str, name: str) -> bytes | None:
         if candidate.is_file():
             data = candidate.read_bytes()
             try:
-                with Image.open(io.BytesIO(data)) as img:
-                    img.verify()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below
+                    with Image.open(io.BytesIO(data)) as img:
+                        problem = image_size_problem(img.size)
+                        if problem is None:
+                            img.verify()
             except Exception:  # PIL raises many types for corrupt files; a bad image is just absent
                 logger.warning("%s: unreadable image, stored as absent", candidate)
+                return None
+            if problem is not None:
+                logger.warning("%s: %s; stored as absent", candidate, problem)
                 return None
             return data
     return None
@@ -332,16 +386,52 @@ class LaionSG(tfds.core.GeneratorBasedBuilder):
                            split, missing_images, len(records), self._image_dir)
 
 
+@contextlib.contextmanager
+def _build_lock(data_dir: Path) -> Iterator[None]:
+    """Holds an exclusive lock on `data_dir` for one build (waiting for a live one to end).
+    The kernel drops the lock when its process dies, so while it is held every tfds
+    `incomplete.*` folder there belongs to a dead run."""
+    import fcntl
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(data_dir / f".{BUILDER_NAME}.build.lock", "a") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+
+
+def remove_stale_incomplete(dataset_dir: Path) -> list[str]:
+    """Deletes the `incomplete.*` folders tfds left in `dataset_dir` (`data_dir/laion_sg`) when
+    a build was killed; call it only under `_build_lock`. Returns the names removed."""
+    if not dataset_dir.is_dir():
+        return []
+    stale = sorted(p for p in dataset_dir.iterdir()
+                   if p.name.startswith(INCOMPLETE_PREFIX) and p.is_dir() and not p.is_symlink())
+    for folder in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+    if stale:
+        logger.warning("%s: removed %d incomplete build folder(s) of killed runs: %s", dataset_dir,
+                       len(stale), ", ".join(p.name for p in stale))
+    return [p.name for p in stale]
+
+
 def build_laion_sg(json_dir: str | os.PathLike, data_dir: str | os.PathLike,
                    image_dir: str | os.PathLike | None = None, overwrite: bool = False) -> LaionSG:
     """Builds LAION-SG under `data_dir/laion_sg/<version>` (reused if already built, unless
-    `overwrite`) and returns the builder, ready for `make_reader`."""
+    `overwrite`) and returns the builder, ready for `make_reader`.
+
+    Builds of one `data_dir` take turns (a file lock), and each first removes the
+    `incomplete.*` folders of killed builds, which tfds itself never deletes."""
     # Checked before tfds creates any folder, so a typo leaves nothing behind.
     _split_files(Path(json_dir), Path(image_dir) if image_dir is not None else None)
     builder = LaionSG(json_dir=json_dir, image_dir=image_dir, data_dir=os.fspath(data_dir))
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    with _build_lock(Path(data_dir)):
+        remove_stale_incomplete(Path(data_dir) / BUILDER_NAME)
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
     return builder
 
 

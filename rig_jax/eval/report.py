@@ -21,7 +21,9 @@ from typing import Any
 import numpy as np
 
 from rig_jax.data.scene_graph import SceneGraph, Triplet
+from rig_jax.errors import DataError
 from rig_jax.eval.base import JudgeResult
+from rig_jax.outputs import replace_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +50,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     """HxWx3 (or HxW) uint8 from a float image in [0, 1] or a uint8 image."""
     arr = np.asarray(image)
     if arr.dtype != np.uint8:
+        if not np.isfinite(arr).all():   # NaN would be written as black: a plausible wrong image
+            raise DataError(f"image of shape {arr.shape} holds NaN or Inf; not written")
         arr = np.clip(np.rint(np.asarray(arr, np.float32) * 255.0), 0, 255).astype(np.uint8)
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
@@ -89,9 +93,7 @@ def save_png_grid(path: str, images: Sequence[np.ndarray], ncols: int = 8, scale
         r, c = divmod(k, ncols)
         y, x = pad + r * (h + pad), pad + c * (w + pad)
         grid[y:y + h, x:x + w] = tile
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    with open(path, "wb") as f:
+    with replace_file(path, "wb") as f:
         f.write(png_bytes(grid))
     return grid
 
@@ -173,9 +175,11 @@ def _verdicts_text(verdicts: Sequence[bool | None]) -> str:
 def write_evaluation(out: str, records: Sequence[dict[str, Any]], graphs: Sequence[SceneGraph],
                   results: Sequence[JudgeResult], images: Sequence[np.ndarray], judge_name: str,
                   judge_seconds: float, report_rows: int, grid_size: int, title: str,
-                  extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                  extra: dict[str, Any] | None = None, shown_out: str | None = None) -> dict[str, Any]:
     """Scores judge results against their graphs and writes `metrics.json`,
-    `per_record.csv`, `report.html` (the first `report_rows` of `images`) and `grid.png`."""
+    `per_record.csv`, `report.html` (the first `report_rows` of `images`) and `grid.png`.
+    `shown_out`: the folder named in the printed line when `out` is a staging folder that
+    will take its place."""
     from rig_jax.eval.scene_graph_iou import score_dataset, score_record
 
     preds = [r.graph for r in results]
@@ -219,5 +223,5 @@ def write_evaluation(out: str, records: Sequence[dict[str, Any]], graphs: Sequen
     print(f"{metrics['num_records']} records: SG-IoU {metrics['sg_iou_attr']:.4f} (labels "
           f"{metrics['sg_iou_label']:.4f}), Entity-IoU {metrics['entity_iou_attr']:.4f}, "
           f"Relation-IoU {metrics['relation_iou_attr']:.4f}, judge {metrics['judge_score']:.4f}; "
-          f"wrote {out}/metrics.json, per_record.csv, report.html, grid.png")
+          f"wrote {shown_out or out}/metrics.json, per_record.csv, report.html, grid.png")
     return metrics

@@ -11,9 +11,29 @@ from collections.abc import Sequence
 import numpy as np
 
 from rig_jax.data.scene_graph import SceneGraph
-from rig_jax.data.shapes import DetectedObject, ShapesConfig, detect_objects, graph_from_objects
+from rig_jax.data.shapes import (
+    COLOUR_ONLY_LABEL,
+    PALETTE,
+    SHAPES,
+    DetectedObject,
+    ShapesConfig,
+    detect_objects,
+    graph_from_objects,
+)
 from rig_jax.errors import DataError
 from rig_jax.eval.base import JudgeResult
+
+
+def shapes_vocabulary_problem(graph: SceneGraph) -> str | None:
+    """Why the ShapesSG detector cannot read `graph` (an item whose label is no ShapesSG shape,
+    or that names no palette colour: the detector finds objects by colour), or None."""
+    labels = (*SHAPES, COLOUR_ONLY_LABEL)
+    for item in graph.items:
+        if item.label not in labels:
+            return f"item {item.text()!r}: {item.label!r} is not one of {', '.join(labels)}"
+        if not any(a in PALETTE for a in item.attributes):
+            return f"item {item.text()!r} names no ShapesSG colour ({', '.join(PALETTE)})"
+    return None
 
 
 def describe(objects: Sequence[DetectedObject]) -> str:

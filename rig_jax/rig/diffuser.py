@@ -63,12 +63,19 @@ def encode_prompts(pipe: SDPipeline, params: Any, texts: str | Sequence[str]) ->
 
 # ----------------------------------------------------------------------------- images <-> latents
 
+def _decode_unclipped(pipe: SDPipeline, vae_params: Any, latents: jax.Array) -> jax.Array:
+    z = jnp.asarray(latents, jnp.float32) / pipe.vae_config.scaling_factor
+    return pipe.vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
+
+
+def _to_unit_range(decoded: jax.Array) -> jax.Array:
+    return jnp.clip(decoded / 2.0 + 0.5, 0.0, 1.0)
+
+
 def latents_to_images(pipe: SDPipeline, vae_params: Any, latents: jax.Array) -> jax.Array:
     """Scaled latents -> float32 images in [0, 1] (traceable): undo `scaling_factor`, decode,
     map [-1, 1] to [0, 1] and clip, as diffusers' image processor does."""
-    z = jnp.asarray(latents, jnp.float32) / pipe.vae_config.scaling_factor
-    decoded = pipe.vae.apply({"params": vae_params}, z, method=AutoencoderKL.decode)
-    return jnp.clip(decoded / 2.0 + 0.5, 0.0, 1.0)
+    return _to_unit_range(_decode_unclipped(pipe, vae_params, latents))
 
 
 def images_to_latents(pipe: SDPipeline, vae_params: Any, images: jax.Array, rng: jax.Array | None
@@ -117,16 +124,50 @@ def unet_denoiser(pipe: SDPipeline):
     return denoise
 
 
-def _generate_core(pipe: SDPipeline, settings: SamplerSettings, params: Any, ids: jax.Array,
-                   mask: jax.Array, uncond_ids: jax.Array | None, uncond_mask: jax.Array | None,
-                   latents: jax.Array, rng: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+# What `generate(check_finite=True)` checks, in pipeline order: the first non-finite stage is the
+# one at fault (NaN weights or an overflowing dtype there), every later one inherits it.
+FINITE_STAGES = ("the initial latents", "the text encoder's embeddings", "the U-Net's denoised latents",
+                 "the VAE decoder's images")
+
+
+def _all_finite(*arrays: jax.Array | None) -> jax.Array:
+    flags = [jnp.isfinite(a).all() for a in arrays if a is not None]
+    return jnp.stack(flags).all()
+
+
+def _generate_core(pipe: SDPipeline, settings: SamplerSettings, check_finite: bool, params: Any,
+                   ids: jax.Array, mask: jax.Array, uncond_ids: jax.Array | None,
+                   uncond_mask: jax.Array | None, latents: jax.Array, rng: jax.Array | None
+                   ) -> tuple[jax.Array, ...]:
     cond = text_embeddings(pipe, params["text_encoder"], ids, mask)
     uncond = None if uncond_ids is None else text_embeddings(pipe, params["text_encoder"], uncond_ids,
                                                             uncond_mask)
     final = sample(unet_denoiser(pipe), params["unet"], latents, cond, uncond, pipe.schedule,
                    settings.num_steps, settings.guidance_scale, guidance_rescale=settings.guidance_rescale,
                    eta=settings.eta, rng=rng)
-    return latents_to_images(pipe, params["vae"], final), final
+    decoded = _decode_unclipped(pipe, params["vae"], final)
+    images = _to_unit_range(decoded)   # clipping would hide an Inf, so `decoded` is what is checked
+    if not check_finite:
+        return images, final
+    finite = jnp.stack([_all_finite(latents), _all_finite(cond, uncond), _all_finite(final),
+                        _all_finite(decoded)])
+    return images, final, finite
+
+
+class NonFiniteError(RigError):
+    """A stage of the pipeline produced NaN or Inf: the result would be a wrong (black) image."""
+
+
+def raise_if_not_finite(finite: Any, where: str = "generate") -> None:
+    """A NonFiniteError naming the first stage of `FINITE_STAGES` whose output holds NaN or Inf
+    (`finite`: one flag per stage, as `generate(check_finite=True)` computes them)."""
+    flags = np.asarray(finite)
+    if flags.all():
+        return
+    stage = FINITE_STAGES[int(np.argmin(flags))]
+    cause = ("the starting noise holds NaN/Inf" if stage == FINITE_STAGES[0] else
+             "its weights hold NaN/Inf, or the compute dtype overflows")
+    raise NonFiniteError(f"{where}: {stage} are not finite ({cause}); no image was written")
 
 
 def latent_shape(pipe: SDPipeline, batch: int, height: int | None, width: int | None) -> tuple[int, ...]:
@@ -143,15 +184,18 @@ def latent_shape(pipe: SDPipeline, batch: int, height: int | None, width: int | 
 
 def generate(pipe: SDPipeline, params: Any, prompts: str | Sequence[str], settings: SamplerSettings,
              rng: jax.Array | None = None, init_latents: jax.Array | None = None, height: int | None = None,
-             width: int | None = None, return_latents: bool = False
+             width: int | None = None, return_latents: bool = False, check_finite: bool = False
              ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """I_0 = D(P): guided DDIM text-to-image, images float32 NHWC in [0, 1].
 
     The starting noise is `init_latents` (B, h, w, C) when given (exact reproduction; it is
     used as is, DDIM's initial noise sigma being 1), else drawn from `rng`. With `settings.eta
     > 0` the per-step noise comes from `rng` too. A guidance scale of 1 skips the
-    unconditional half. `return_latents=True` also returns the final scaled latents. One
-    program is compiled per pipeline, settings and input shape. Put `params` on the devices
+    unconditional half. `return_latents=True` also returns the final scaled latents.
+    `check_finite=True` reduces each stage's output to one flag on the device (fetched once per
+    call) and raises a NonFiniteError naming the first stage that holds NaN or Inf, so NaN weights or
+    noise never come back as a black image. One program is compiled per pipeline, settings and
+    input shape. Put `params` on the devices
     once (the loaders place them) before calling in a loop: host arrays are copied per call.
     """
     prompts = as_texts(prompts, "prompts")
@@ -175,8 +219,11 @@ def generate(pipe: SDPipeline, params: Any, prompts: str | Sequence[str], settin
     ids, mask = tokenize(pipe, prompts)
     guided = settings.guidance_scale != 1.0
     uncond_ids, uncond_mask = tokenize(pipe, [UNCONDITIONAL_PROMPT]) if guided else (None, None)
-    run = pipe.cached(("generate", settings), lambda: jax.jit(
-        functools.partial(_generate_core, pipe, settings)))
-    images, final = run(params, ids, mask, uncond_ids, uncond_mask, latents,
-                        step_rng if settings.eta > 0 else None)
+    check_finite = bool(check_finite)
+    run = pipe.cached(("generate", settings, check_finite), lambda: jax.jit(
+        functools.partial(_generate_core, pipe, settings, check_finite)))
+    images, final, *finite = run(params, ids, mask, uncond_ids, uncond_mask, latents,
+                                 step_rng if settings.eta > 0 else None)
+    if check_finite:
+        raise_if_not_finite(finite[0])
     return (images, final) if return_latents else images

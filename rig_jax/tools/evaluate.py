@@ -11,14 +11,30 @@ the mesh of `config.mesh` with its logical axis rules.
 Images are matched to records by the record's `name` (`DIR/<name>`). The judge extracts a
 scene graph per image and a verdict per ground-truth triplet; OUTDIR receives
 `metrics.json` (SG-/Entity-/Relation-IoU in both node forms, judge score, rating mean,
-malformed count, record count, judge seconds per image), `per_record.csv`, `report.html`
-and `grid.png`.
+malformed count, record count, judge seconds per image, the records of the file skipped by
+kind), `per_record.csv`, `report.html` and `grid.png`.
+
+What it refuses, and when:
+- OUTDIR is checked before any work (a file in its place or above it, an unwritable parent);
+  a non-empty OUTDIR is refused unless `--overwrite`, and is then replaced whole: everything is
+  written into a hidden sibling that takes its place in one rename, so a kill leaves the old
+  folder or the new one. Inputs inside OUTDIR are refused with `--overwrite`.
+- Malformed records (a JSON-lines line that is not JSON, a `name` that is absolute or holds
+  `..`, ...) are skipped and counted by kind (`skipped_records` in metrics.json): a record
+  never makes rig-eval read a file outside `--images`.
+- An unreadable image, or one whose header claims more than `MAX_IMAGE_PIXELS` pixels, is a
+  one-line error naming it (as a missing image is): a score must cover every record.
+- `--judge shapes` reads only ShapesSG shapes and colours: if no record is a ShapesSG scene it
+  refuses (every score would be 0); if only some are, it warns on stderr and in metrics.json
+  (`warnings`, `non_shapes_records`).
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,6 +59,8 @@ def build_parser() -> SugarParser:
     p.add_argument("--vlm-max-new-tokens", dest="vlm.max_new_tokens", type=int,
                    help="longest VLM answer in tokens (for --judge vlm)")
     p.add_argument("--out", dest="out", help="output folder")
+    p.add_argument("--overwrite", dest="overwrite", action="store_true",
+                   help="replace a non-empty --out folder (whole, once the evaluation is done)")
     p.add_argument("--limit", dest="limit", type=int, help="score only the first N records")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per judge call")
     p.add_argument("--report-rows", dest="report_rows", type=int, help="records shown in report.html")
@@ -55,12 +73,13 @@ def build_parser() -> SugarParser:
     return p
 
 
-def load_records(path: str) -> tuple[list[dict[str, Any]], list[SceneGraph]]:
-    """Valid records of a LAION-SG file (invalid ones are skipped and counted in the log)."""
+def load_records(path: str) -> tuple[list[dict[str, Any]], list[SceneGraph], Any]:
+    """Valid records of a LAION-SG file, their graphs, and the file's SkipSummary (invalid
+    records are skipped and counted by kind)."""
     from rig_jax.data.laion_sg import load_laion_sg_json
 
-    records, _ = load_laion_sg_json(path)
-    return records, [SceneGraph.from_laion_record(r) for r in records]
+    records, summary = load_laion_sg_json(path)
+    return records, [SceneGraph.from_laion_record(r) for r in records], summary
 
 
 def image_paths(image_dir: str, records: Sequence[dict[str, Any]]) -> list[str]:
@@ -77,14 +96,25 @@ def image_paths(image_dir: str, records: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def load_image(path: str) -> np.ndarray:
-    """HxWx3 float32 in [0, 1]."""
+    """HxWx3 float32 in [0, 1]. The size in the header is checked before any pixel is
+    decoded, so a 1x1 file claiming 100000x100000 is a DataError, not a MemoryError."""
     from PIL import Image
 
+    from rig_jax.data.laion_sg import image_size_problem
+
     try:
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"), np.float32) / 255.0
-    except OSError as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
+            with Image.open(path) as img:
+                problem = image_size_problem(img.size)
+                if problem is not None:
+                    raise DataError(f"{path}: {problem}")
+                return np.asarray(img.convert("RGB"), np.float32) / 255.0
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused ({e})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:   # what PIL raises on corrupt files
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(f"{path}: unreadable image ({reason})") from None
 
 
 def build_judge(config: Any, image_dir: str, graphs: Sequence[SceneGraph], first_image: np.ndarray,
@@ -135,39 +165,86 @@ def build_vlm_judge(config: Any, mesh: Any, rules: Any) -> Judge:
     return vlm_judge.VLMJudge(generate, with_attributes=True, batch_size=config.batch_size)
 
 
-def evaluate(config: Any) -> dict[str, Any]:
-    """Runs the evaluation `config` asks for on the mesh of `config.mesh`; returns the metrics."""
+def _inside(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
+def shapes_vocabulary_check(graphs: Sequence[SceneGraph], records: Sequence[dict[str, Any]]
+                            ) -> tuple[int, str] | None:
+    """For `--judge shapes`: a DataError when no record is a ShapesSG scene (every score would
+    be 0 without a word); (how many are not, the warning line) when only some are; else None."""
+    from rig_jax.eval.shapes_judge import shapes_vocabulary_problem
+
+    problems = [(r, p) for r, g in zip(records, graphs, strict=True)
+                if (p := shapes_vocabulary_problem(g)) is not None]
+    if not problems:
+        return None
+    record, problem = problems[0]
+    example = f"e.g. img_id {record['img_id']}: {problem}"
+    if len(problems) == len(records):
+        raise DataError(f"--judge shapes: none of the {len(records)} records is a ShapesSG scene "
+                        f"({example}); the pixel detector reads only ShapesSG shapes and colours, so "
+                        "every score would be 0: use --judge vlm")
+    return len(problems), (f"--judge shapes: {len(problems)} of {len(records)} records are not ShapesSG "
+                           f"scenes and score 0 whatever the image shows ({example})")
+
+
+def evaluate(config: Any, overwrite: bool | None = None) -> dict[str, Any]:
+    """Runs the evaluation `config` asks for on the mesh of `config.mesh`; returns the metrics.
+    `overwrite` (else the config's `overwrite` field, if it has one) allows replacing a
+    non-empty `out` folder."""
+    from rig_jax.outputs import check_output_folder, replace_folder
     from rig_jax.parallel import mesh_context
 
+    if overwrite is None:
+        overwrite = bool(config.get("overwrite", False))
     if config.judge not in JUDGES:
         raise ConfigError(f"judge: {config.judge!r} is not one of {', '.join(JUDGES)}")
     if not config.out:
         raise ConfigError("out: required (--out DIR or --config.out=DIR)")
     if config.batch_size < 1 or config.limit < 0:
         raise ConfigError("--batch-size must be at least 1 and --limit at least 0 (0: every record)")
-    records_path, image_dir = config.records, config.images
     if config.shapes_demo:
-        from rig_jax.data import shapes
-
         if config.shapes_demo < 1:
             raise ConfigError("--shapes-demo must be at least 1")
-        world = shapes.ShapesConfig(image_size=config.image_size)
-        records_path, image_dir = shapes.shapes_demo(os.path.join(config.out, "shapes"), config.shapes_demo,
-                                                     config.seed, world)
-    elif not records_path or not image_dir:
+    elif not config.records or not config.images:
         raise ConfigError("rig-eval needs --records FILE and --images DIR (or --shapes-demo N)")
+    check_output_folder(config.out, "--out", overwrite=overwrite)
+    if overwrite and not config.shapes_demo:
+        for flag, path in (("--records", config.records), ("--images", config.images)):
+            if os.path.exists(config.out) and _inside(path, config.out):
+                raise ConfigError(f"{flag}={path} is inside --out={config.out}, which --overwrite replaces")
     if config.judge == "vlm":
         check_vlm_config(config.vlm)   # fail on a bad --vlm-path before reading any data
-    with mesh_context(config) as (mesh, rules):
-        return _evaluate(config, records_path, image_dir, mesh, rules)
+    out = os.path.abspath(config.out)
+    with replace_folder(out) as staging:
+        records_path, image_dir = config.records, config.images
+        shown_records = os.path.abspath(records_path) if records_path else ""
+        if config.shapes_demo:
+            from rig_jax.data import shapes
+
+            world = shapes.ShapesConfig(image_size=config.image_size)
+            records_path, image_dir = shapes.shapes_demo(os.path.join(staging, "shapes"), config.shapes_demo,
+                                                         config.seed, world)
+            shown_records = os.path.join(out, os.path.relpath(records_path, staging))
+        shown_images = (os.path.join(out, os.path.relpath(image_dir, staging)) if config.shapes_demo
+                        else os.path.abspath(image_dir))
+        with mesh_context(config) as (mesh, rules):
+            return _evaluate(config, records_path, image_dir, mesh, rules, staging,
+                             {"records_file": shown_records, "image_dir": shown_images, "out": out})
 
 
-def _evaluate(config: Any, records_path: str, image_dir: str, mesh: Any, rules: Any) -> dict[str, Any]:
+def _evaluate(config: Any, records_path: str, image_dir: str, mesh: Any, rules: Any, write_to: str,
+              shown: dict[str, str]) -> dict[str, Any]:
     from tqdm import tqdm
 
-    records, graphs = load_records(records_path)
+    records, graphs, summary = load_records(records_path)
     if config.limit:
         records, graphs = records[:config.limit], graphs[:config.limit]
+    not_shapes = shapes_vocabulary_check(graphs, records) if config.judge == "shapes" else None
+    if not_shapes:
+        print(f"warning: {not_shapes[1]}", file=sys.stderr)
     paths = image_paths(image_dir, records)
 
     judge: Judge | None = None
@@ -195,18 +272,26 @@ def _evaluate(config: Any, records_path: str, image_dir: str, mesh: Any, rules: 
 
     from rig_jax.eval.report import write_evaluation
 
-    metrics = write_evaluation(config.out, records, graphs, results, kept_images, judge_name=config.judge,
+    extra: dict[str, Any] = {"records_file": shown["records_file"], "image_dir": shown["image_dir"],
+                             "records_in_file": summary.total, "skipped_records": dict(summary.skipped),
+                             "num_skipped": sum(summary.skipped.values())}
+    if not_shapes:
+        extra.update(warnings=[not_shapes[1]], non_shapes_records=not_shapes[0])
+    metrics = write_evaluation(write_to, records, graphs, results, kept_images, judge_name=config.judge,
                                judge_seconds=judge_seconds, report_rows=config.report_rows,
                                grid_size=config.grid_size,
                                title=f"rig-eval: {os.path.basename(records_path)} ({config.judge} judge)",
-                               extra={"records_file": os.path.abspath(records_path),
-                                      "image_dir": os.path.abspath(image_dir)})
+                               extra=extra, shown_out=shown["out"])
     return metrics
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`rig-eval`): bad input exits 2 with one line on stderr."""
-    run_tool(evaluate, argv, build_parser())
+    args = list(sys.argv[1:] if argv is None else argv)
+    # `--overwrite` is taken here, not as a config field: configs/eval.py has no `overwrite`.
+    overwrite = "--overwrite" in args
+    args = [a for a in args if a != "--overwrite"]
+    run_tool(functools.partial(evaluate, overwrite=overwrite or None), args, build_parser())
 
 
 if __name__ == "__main__":

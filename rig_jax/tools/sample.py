@@ -12,6 +12,11 @@ starting noise of prompt i is drawn per batch from `seed`; `save_latents` writes
 (N, h, w, C) and `init_latents` uses such a file instead, which reproduces the images exactly
 (with the same batch, sampler settings and seed when eta > 0). Every batch has `batch` rows
 (the last is padded), so one compiled program serves them all.
+
+`--out` and `--save-latents` are checked before the model is loaded, and written whole
+(temporary sibling, then rename). Each batch's stages (starting noise, text encoder, U-Net,
+VAE decoder) are reduced to one finite flag each on the device: NaN weights or noise are an
+error naming the first stage at fault, never a black PNG.
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import numpy as np
 from rig_jax.config import SugarParser, run_tool
 from rig_jax.diffusion.settings import SamplerSettings
 from rig_jax.errors import ConfigError, DataError
+from rig_jax.outputs import check_output_file, replace_file
 from rig_jax.weights.diffusers_pipeline import TEXT_LAYERS
 
 DTYPES = ("fp32", "bf16")
@@ -64,20 +70,26 @@ def read_prompts(config: Any) -> list[str]:
     return prompts
 
 
-def read_init_latents(path: str, num_prompts: int, channels: int) -> np.ndarray:
-    """The (N, h, w, C) float32 latents of a .npy file; N must equal the number of prompts."""
+def read_init_latents(path: str, num_prompts: int, channels: int | None = None) -> np.ndarray:
+    """The (N, h, w, C) float32 latents of a .npy file; N must equal the number of prompts, C
+    `channels` when given, and every value must be finite (NaN noise gives a black image)."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: latents file not found")
     try:
         latents = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as e:
         raise DataError(f"{path}: not a .npy array ({str(e).splitlines()[0]})") from None
-    if latents.ndim != 4 or latents.shape[0] != num_prompts or latents.shape[-1] != channels:
+    wrong_channels = channels is not None and latents.shape[-1:] != (channels,)
+    if latents.ndim != 4 or latents.shape[0] != num_prompts or wrong_channels:
         raise DataError(f"{path}: latents have shape {latents.shape}; expected "
-                        f"({num_prompts}, h, w, {channels}) for {num_prompts} prompts")
+                        f"({num_prompts}, h, w, {channels or 'C'}) for {num_prompts} prompts")
     if not np.issubdtype(latents.dtype, np.floating):
         raise DataError(f"{path}: latents have dtype {latents.dtype}; expected floating point")
-    return latents.astype(np.float32)
+    latents = latents.astype(np.float32)
+    bad = int(latents.size - np.isfinite(latents).sum())
+    if bad:
+        raise DataError(f"{path}: {bad} of the latents are NaN or Inf (starting noise must be finite)")
+    return latents
 
 
 def _pad(rows: np.ndarray, size: int) -> np.ndarray:
@@ -101,8 +113,14 @@ def run(config: Any) -> None:
         raise ConfigError(f"text_layer: {config.text_layer!r} is not one of {', '.join(TEXT_LAYERS)}")
     if not config.model:
         raise ConfigError("model: required (--model DIR or --config.model=DIR)")
+    # Checked before the model is loaded, so a bad path never throws the sampled images away.
+    check_output_file(config.out, "--out")
+    if config.save_latents:
+        check_output_file(config.save_latents, "--save-latents")
     settings = SamplerSettings.from_config(config.sampler)
     prompts = read_prompts(config)
+    if config.init_latents:   # read (and checked finite) before the model loads; channels after
+        read_init_latents(config.init_latents, len(prompts))
 
     from rig_jax.parallel import mesh_context
 
@@ -116,7 +134,7 @@ def _sample(config: Any, settings: SamplerSettings, prompts: list[str], mesh: An
     from tqdm import tqdm
 
     from rig_jax.eval.report import save_png_grid
-    from rig_jax.rig.diffuser import generate, latent_shape
+    from rig_jax.rig.diffuser import NonFiniteError, generate, latent_shape
     from rig_jax.weights.diffusers_pipeline import load_any_pipeline
 
     dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[config.dtype]
@@ -142,15 +160,20 @@ def _sample(config: Any, settings: SamplerSettings, prompts: list[str], mesh: An
             latents = np.asarray(jax.random.normal(noise_key, shape, jnp.float32))
         else:
             latents = _pad(init[first:first + real], batch)
-        out = generate(pipe, params, batch_prompts, settings, rng=step_key if settings.eta > 0 else None,
-                       init_latents=latents)
+        try:
+            out = generate(pipe, params, batch_prompts, settings, rng=step_key if settings.eta > 0 else None,
+                           init_latents=latents, check_finite=True)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"rig-sample: prompts {first + 1}-{first + real} of {len(prompts)} "
+                                 f"({config.model}, dtype {config.dtype}): {str(e).split(': ', 1)[1]}") \
+                from None
         images.extend(np.asarray(out[:real]))
         starts.append(latents[:real])
 
     save_png_grid(config.out, images, ncols=config.ncols, scale=config.scale)
     if config.save_latents:
-        os.makedirs(os.path.dirname(os.path.abspath(config.save_latents)), exist_ok=True)
-        np.save(config.save_latents, np.concatenate(starts))
+        with replace_file(config.save_latents, "wb") as f:
+            np.save(f, np.concatenate(starts))
     print(f"wrote {config.out} ({len(images)} images, {images[0].shape[1]}x{images[0].shape[0]})")
 
 

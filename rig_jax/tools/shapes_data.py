@@ -31,9 +31,18 @@ def world_config(world: Any):
 
 
 def run(config: Any) -> dict[str, Any]:
-    """The job on the mesh of `config.mesh`; returns the metrics it wrote."""
+    """The job on the mesh of `config.mesh`; returns the metrics it wrote. The output folder
+    and the noise are checked first, so a bad `out_dir` fails before any scene is drawn."""
+    import math
+
+    from rig_jax.outputs import check_output_folder
     from rig_jax.parallel import mesh_context
 
+    # A rerun rebuilds its outputs in place, so an existing folder is fine; a file is not.
+    check_output_folder(config.out_dir, "out_dir", allow_existing=True)
+    sigma = config.data.noise_sigma
+    if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma >= 0):
+        raise ConfigError(f"data.noise_sigma: must be a finite number >= 0, got {sigma!r}")
     with mesh_context(config) as (mesh, _):
         return _run(config, mesh)
 
