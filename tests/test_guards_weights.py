@@ -258,3 +258,46 @@ def test_vlm_tokenizer_and_special_token_ids_must_agree(tiny_vlm, tmp_path):
     os.remove(os.path.join(folder, "tokenizer.json"))
     with pytest.raises(WeightsError, match=re.escape(f"{folder}: no tokenizer vocabulary")):
         load_tokenizer(folder)
+
+
+# ---- schedulers -----------------------------------------------------------------------------
+
+SD_BETAS = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1, "clip_sample": False}
+
+
+@pytest.mark.parametrize("class_name,extra,reason", [
+    ("LCMScheduler", {}, "consistency"),
+    ("EulerDiscreteScheduler", {"use_karras_sigmas": True}, "use_karras_sigmas=true"),
+    ("DPMSolverSDEScheduler", {}, "stochastic differential equation"),
+    ("MyOwnScheduler", {}, "not a scheduler rig_jax knows"),
+])
+def test_scheduler_ddim_cannot_stand_in_for_is_refused(class_name, extra, reason, capsys):
+    """A scheduler class the sampler does not implement and DDIM cannot honestly replace is a
+    one-line ConfigError naming file and class (it was sampled as DDIM without a word)."""
+    from rig_jax.diffusion.schedulers import DDIMSchedule
+
+    source = "sd/scheduler/scheduler_config.json"
+    pattern = re.escape(f"{source}: ") + f".*{class_name}.*{re.escape(reason)}"
+    with pytest.raises(ConfigError, match=pattern) as info:
+        DDIMSchedule.from_diffusers_config({"_class_name": class_name, **SD_BETAS, **extra}, source)
+    assert "\n" not in str(info.value)
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_scheduler_sharing_ddims_betas_is_sampled_as_ddim_with_a_warning(capsys):
+    """PNDM / Euler configs share DDIM's betas and prediction type: the schedule is DDIM's on that
+    config, and one warning line says DDIM is used instead and why; DDIM itself says nothing."""
+    from rig_jax.diffusion.schedulers import DDIMSchedule
+
+    ddim = DDIMSchedule.from_diffusers_config({"_class_name": "DDIMScheduler", **SD_BETAS}, "ddim.json")
+    assert capsys.readouterr().err == ""
+    for class_name in ("PNDMScheduler", "EulerDiscreteScheduler"):
+        schedule = DDIMSchedule.from_diffusers_config(
+            {"_class_name": class_name, **SD_BETAS, "use_karras_sigmas": False, "prediction_type": "epsilon"},
+            f"{class_name}.json")
+        np.testing.assert_array_equal(np.asarray(schedule.alphas_cumprod), np.asarray(ddim.alphas_cumprod))
+        assert schedule.timesteps(10).tolist() == ddim.timesteps(10).tolist()
+        err = capsys.readouterr().err.splitlines()
+        assert err == [f"warning: {class_name}.json: {class_name} is not implemented; sampling with DDIM "
+                       "instead, on the same betas (scaled_linear) and prediction type (epsilon)"]

@@ -9,6 +9,7 @@ step with a log-density) all share the same arithmetic. Numbers follow diffusers
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -71,6 +72,8 @@ class DDIMSchedule:
 
         Only the fields every SD scheduler shares are read; a value DDIM cannot honour raises
         `ConfigError` naming `source` and the field, instead of silently sampling differently.
+        Which `_class_name`s are sampled with DDIM (and which with a warning) is the rule of
+        `check_scheduler_class`.
         """
         return schedule_from_diffusers_config(d, source)
 
@@ -116,15 +119,74 @@ def _rescale_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
     return (1.0 - alphas).astype(np.float32)
 
 
+# The only sampler implemented. A config without `_class_name` is read as DDIM's fields.
+DDIM_CLASSES = ("DDIMScheduler", "DDIMInverseScheduler")
+# Discrete DDPM-family schedulers of SD checkpoints: they are built from the same betas
+# (beta_start / beta_end / beta_schedule / trained_betas over num_train_timesteps) and the same
+# prediction_type as DDIM, so DDIM on that config samples the model it was trained for; only
+# the update rule differs. They are accepted with a warning that DDIM is used instead.
+DDIM_COMPATIBLE_CLASSES = (
+    "PNDMScheduler", "DDPMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+    "LMSDiscreteScheduler", "HeunDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+    "UniPCMultistepScheduler", "DEISMultistepScheduler",
+)
+# Options of those classes that replace the noise levels the model is sampled at by another
+# spacing (Karras, exponential, beta, Lu lambdas, flow sigmas): DDIM would ignore them.
+SIGMA_SPACING_FIELDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas",
+                        "use_flow_sigmas")
+# Known schedulers DDIM cannot stand in for, and why.
+REFUSED_CLASSES = {
+    "LCMScheduler": "a latent-consistency model is sampled with its own few-step consistency rule",
+    "TCDScheduler": "a trajectory-consistency model is sampled with its own consistency rule",
+    "DPMSolverSDEScheduler": "it samples a stochastic differential equation with Brownian-tree noise",
+    "ScoreSdeVeScheduler": "a variance-exploding score model has no DDPM betas",
+    "EDMEulerScheduler": "an EDM model is parameterised by sigmas, not DDPM betas",
+    "EDMDPMSolverMultistepScheduler": "an EDM model is parameterised by sigmas, not DDPM betas",
+}
+
+
+def check_scheduler_class(d: Mapping[str, Any], source: str) -> str:
+    """The rule for which scheduler configs DDIM samples, returning the class name.
+
+    - DDIMScheduler / DDIMInverseScheduler (or no `_class_name`): read as they are, silently.
+    - A class of DDIM_COMPATIBLE_CLASSES: its config shares DDIM's betas and prediction type,
+      so DDIM is used instead, with one `warning:` line on stderr naming the class and why;
+      unless it asks for another sigma spacing (`use_karras_sigmas`, ...), which DDIM cannot
+      follow: then a ConfigError.
+    - Any other class (LCM, DPM-SDE, flow matching, EDM, an unknown name): a ConfigError, never
+      DDIM in disguise.
+    """
+    class_name = d.get("_class_name")
+    if class_name is None or class_name in DDIM_CLASSES:
+        return "DDIMScheduler" if class_name is None else class_name
+    if not isinstance(class_name, str):
+        raise ConfigError(f"{source}: _class_name must be a string, got {class_name!r}")
+    if "Flow" in class_name:
+        raise ConfigError(f"{source}: _class_name {class_name!r} is a flow-matching scheduler, "
+                          "DDIM needs betas")
+    if class_name in REFUSED_CLASSES:
+        raise ConfigError(f"{source}: _class_name {class_name!r} is not implemented and DDIM cannot stand "
+                          f"in for it: {REFUSED_CLASSES[class_name]}")
+    if class_name not in DDIM_COMPATIBLE_CLASSES:
+        raise ConfigError(f"{source}: _class_name {class_name!r} is not a scheduler rig_jax knows (DDIM "
+                          f"samples {', '.join(DDIM_CLASSES + DDIM_COMPATIBLE_CLASSES)})")
+    spacing = [f for f in SIGMA_SPACING_FIELDS if d.get(f)]
+    if spacing:
+        raise ConfigError(f"{source}: {class_name} with {spacing[0]}=true is not implemented: DDIM "
+                          "cannot follow that sigma spacing (set it to false to sample with DDIM)")
+    print(f"warning: {source}: {class_name} is not implemented; sampling with DDIM instead, on the same "
+          f"betas ({d.get('beta_schedule', _DDIM_DEFAULTS['beta_schedule'])}) and prediction type "
+          f"({d.get('prediction_type') or _DDIM_DEFAULTS['prediction_type']})", file=sys.stderr)
+    return class_name
+
+
 def schedule_from_diffusers_config(d: Mapping[str, Any], source: str = "scheduler_config.json"
                                    ) -> DDIMSchedule:
     """See `DDIMSchedule.from_diffusers_config`."""
     if not isinstance(d, Mapping):
         raise ConfigError(f"{source}: expected a JSON object, got {type(d).__name__}")
-    class_name = str(d.get("_class_name", ""))
-    if "Flow" in class_name:
-        raise ConfigError(f"{source}: _class_name {class_name!r} is a flow-matching scheduler, "
-                          "DDIM needs betas")
+    check_scheduler_class(d, source)
     if d.get("thresholding"):
         raise ConfigError(f"{source}: thresholding=true (dynamic thresholding) is not supported")
 
