@@ -1,72 +1,139 @@
-"""rig-benchmark: throughput of the sampler (U-Net, guided DDIM), of VLM decoding, and of the
-U-Net's train step against PyTorch's.
+"""rig-benchmark: named shapes and per-bench defaults (docs/benchmarks.md records the figures).
 
-Variants: `sampler` (default: the tiny U-Net, CPU-sized), `sd15` (SD-1.5's U-Net at 512²),
-`decode` (the tiny decoder), the decoder shapes `qwen2-1.5b`, `qwen2.5-vl-3b`, `qwen2.5-vl-7b`,
-and `train-step` (rig_jax's U-Net forward+backward vs diffusers' on the same weights, default
-shape `sd1-small`).
+    rig-benchmark sampler --peer                        # CPU-sized U-Net vs diffusers, one thread each
+    rig-benchmark all --peer                            # every bench, the same two worker processes
+    rig-benchmark decode --shape qwen2.5-vl-7b --peer   # accelerator shapes
     rig-benchmark --config=configs/benchmark.py:sd15 --config.batch='(1, 8)'
-    rig-benchmark decode --shape qwen2-1.5b        # short flags set the same fields
-    rig-benchmark train-step --repeats 15          # needs torch + diffusers (the test extras)
+
+Variants: a bench name (`sampler`, `inversion`, `decode`, `actor-step`, `editor-step`, `loop`,
+`train-step`, `all`) or a shape name (`sd15`, `qwen2.5-vl-7b`, ...: that shape, with the bench
+of its family). Shapes (the `--shape` names; config keys spell dots and dashes as `_`):
+
+- U-Net family (sampler, inversion, editor-step, train-step): `tiny` (tests), `cpu` (SD-1's
+  layout at 8.6 M params: 64/128/128 channels, cross-attention on the top two levels, 32x32
+  latents, 77 x 64 context; `sd1-small` is the same shape under its old name), `sd15`.
+- decoder family (decode, actor-step): `tiny`, `cpu` (a 5 M-param Qwen2.5-VL text model:
+  hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 2,048), `qwen2-1.5b`, `qwen2.5-vl-3b`,
+  `qwen2.5-vl-7b` (the decoders of the Qwen releases, random weights).
+- loop: `shapes-sg` (the committed ShapesSG Diffuser, Actor and pixel Checker).
+
+Fields left at None take the shape's value from `per_shape`; a value given must be >= 1.
 """
 import ml_collections
 
 from configs import common
 
+BENCHES = ("sampler", "inversion", "decode", "actor-step", "editor-step", "loop", "train-step")
+FAMILIES = {"sampler": "unet", "inversion": "unet", "editor-step": "unet", "train-step": "unet",
+            "decode": "decoder", "actor-step": "decoder", "loop": "loop"}
 DECODERS = ("qwen2-1.5b", "qwen2.5-vl-3b", "qwen2.5-vl-7b")
 UNETS = ("sd15", "sd1-small")
+# A tiny vision tower for the CPU decoders (the benches time the text model; the saved
+# Qwen2.5-VL folder needs one), and the released one for the accelerator shapes.
+SMALL_VISION = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=(0,))
+RELEASED_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14,
+                       spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                       fullatt_block_indexes=(7, 15, 23, 31))
 
 
-def _defaults(**fields) -> ml_collections.ConfigDict:
+def key(name: str) -> str:
+    """The config key of a shape name: `qwen2.5-vl-7b` -> `qwen2_5_vl_7b`."""
+    return name.replace(".", "_").replace("-", "_")
+
+
+def _d(**fields) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(fields)
 
 
+def _cpu_unet() -> ml_collections.ConfigDict:
+    return _d(latent_size=32, context_length=77, unet=_d(
+        sample_size=32, block_out_channels=(64, 128, 128), layers_per_block=(2, 2, 2),
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        transformer_layers_per_block=(1, 1, 1), attention_heads=(2, 4, 4), norm_num_groups=32,
+        cross_attention_dim=64))
+
+
 def _shapes() -> ml_collections.ConfigDict:
-    """common.shapes() plus `sd1-small`: SD-1's layout at a CPU size (3 levels of 64/128/128
-    channels, cross-attention on the top two, 32x32 latents, 77 tokens of width 64), the U-Net
-    the train-step benchmark times against diffusers."""
+    """common.shapes() plus the CPU-sized shapes of this benchmark and the decoders' vision
+    towers and special ids (what the saved Qwen2.5-VL folder needs besides the text model)."""
     c = common.shapes()
-    c.unet.sd1_small = ml_collections.ConfigDict({
-        "latent_size": 32, "context_length": 77,
-        "unet": ml_collections.ConfigDict(dict(
-            sample_size=32, block_out_channels=(64, 128, 128), layers_per_block=(2, 2, 2),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            transformer_layers_per_block=(1, 1, 1), attention_heads=(2, 4, 4), norm_num_groups=32,
-            cross_attention_dim=64))})
+    c.unet.cpu = _cpu_unet()
+    c.unet.sd1_small = _cpu_unet()
+    c.decoder.cpu = dict(name="cpu", vocab_size=2048, hidden_size=256, intermediate_size=1024,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                         mrope_section=(8, 12, 12), tie_word_embeddings=False)
+    c.vision = ml_collections.ConfigDict()
+    for name in ("tiny", "cpu"):
+        c.vision[name] = dict(SMALL_VISION)
+    for name in DECODERS:
+        c.vision[key(name)] = dict(RELEASED_VISION)
+    c.loop = ml_collections.ConfigDict()
+    c.loop.shapes_sg = _d(name="shapes-sg", diffuser="pretrained/shapes_sg/diffuser",
+                          actor="pretrained/shapes_sg/actor", max_rounds=2)
+    return c
+
+
+def _per_shape() -> ml_collections.ConfigDict:
+    """What a None field means, per bench and shape (`default`: every other shape).
+    repeats: timed rounds after two untimed calls per side; batch: batch sizes (editor-step:
+    rows of N x K trained steps; loop: prompts); steps: DDIM steps (editor-step: the schedule
+    the trained steps come from); trained_steps: K (editor-step)."""
+    unet = dict(
+        tiny=_d(batch=(2,), steps=2, repeats=3),
+        cpu=_d(batch=(4,), steps=10, repeats=7),
+        sd15=_d(batch=(1, 8, 16, 32), steps=50, repeats=3))
+    unet["sd1_small"] = unet["cpu"]
+    unet["default"] = unet["cpu"]
+    lm = dict(
+        tiny=_d(batch=(2,), prompt_len=8, new_tokens=4, repeats=3),
+        cpu=_d(batch=(8,), prompt_len=64, new_tokens=64, repeats=7),
+        default=_d(batch=(64,), prompt_len=256, new_tokens=128, repeats=3))
+    actor = dict(
+        tiny=_d(batch=(2,), prompt_len=8, new_tokens=4, repeats=3),
+        cpu=_d(batch=(8,), prompt_len=64, new_tokens=64, repeats=7),
+        default=_d(batch=(8,), prompt_len=512, new_tokens=128, repeats=3))
+    editor = dict(
+        tiny=_d(batch=(1,), steps=4, trained_steps=1, repeats=3),
+        cpu=_d(batch=(2,), steps=10, trained_steps=2, repeats=7),
+        sd15=_d(batch=(4,), steps=50, trained_steps=2, repeats=3))
+    editor["sd1_small"] = editor["cpu"]
+    editor["default"] = editor["cpu"]
+    train = dict(tiny=_d(batch=(1,), repeats=3), default=_d(batch=(4,), repeats=11))
+    loop = dict(default=_d(batch=(4,), steps=10, repeats=3))
+    c = ml_collections.ConfigDict()
+    for bench, table in (("sampler", unet), ("inversion", unet), ("decode", lm), ("actor_step", actor),
+                         ("editor_step", editor), ("train_step", train), ("loop", loop)):
+        c[bench] = ml_collections.ConfigDict(table)
     return c
 
 
 def get_config(variant: str = "sampler") -> ml_collections.ConfigDict:
     c = common.base()
-    c.bench = {"decode": "decode", "train-step": "train-step"}.get(
-        variant, "decode" if variant in DECODERS else "sampler")
-    c.shape = variant if variant in (*UNETS, *DECODERS) else ""   # "": the bench's default shape
+    if variant in (*BENCHES, "all"):
+        c.bench, c.shape = variant, ""     # "": `cpu` (the loop: `shapes-sg`)
+    elif variant in (*UNETS, *DECODERS):
+        c.bench, c.shape = ("decode" if variant in DECODERS else "sampler"), variant
+    else:
+        raise ValueError(f"configs/benchmark.py: unknown variant {variant!r} (expected one of "
+                         f"{', '.join((*BENCHES, 'all', *UNETS, *DECODERS))})")
+    c.peer = False                # also run the PyTorch reference, interleaved round by round
     c.dtype = "auto"              # auto: bf16 on accelerators, fp32 on CPU (no bf16 units) | bf16 | fp32
-    c.repeats = 0                 # timed runs; 0: the bench's (`per_shape`)
-    c.batch = ()                  # batch sizes; (): the shape's, from `per_shape`
-    c.steps = 0                   # sampler: DDIM steps; 0: the shape's
+    c.device = "auto"             # auto: gpu when /dev/nvidia0 exists, else cpu | cpu | gpu
+    c.repeats = None              # timed rounds; None: the shape's (`per_shape`)
+    c.batch = None                # batch sizes (a tuple); None: the shape's
+    c.steps = None                # DDIM steps; None: the shape's
+    c.trained_steps = None        # editor-step: trained steps per row; None: the shape's
+    c.prompt_len = None           # decode / actor-step: prompt tokens; None: the shape's
+    c.new_tokens = None           # decode: generated tokens, actor-step: completion tokens
     c.guidance = common.sampler().guidance_scale
-    c.prompt_len = 0              # decode: prompt tokens; 0: the shape's
-    c.new_tokens = 0              # decode: generated tokens; 0: the shape's
-    # train-step: each side (rig_jax, torch) in its own process with this many threads; 1 is
-    # the figure to trust on a shared machine (torch's OpenMP pool collapses when another
-    # process holds a core, XLA's does not).
+    # Threads per side. 1 is the figure to trust on a shared machine: torch's OpenMP pool
+    # collapses when another process holds a core, XLA's does not.
     c.threads = 1
-    c.cache_dir = ""              # train-step: where the random diffusers U-Net is saved; "": the temp dir
+    c.cache_dir = ""              # where the random models and inputs are saved; "": the temp dir
+    c.compile_cache = ""          # a persistent XLA cache for the rig_jax worker ("": none; tests only)
+    c.peak_tflops = 0.0           # the device peak for `mfu`; 0: the table in rig_jax/bench/flops.py
     c.models = _shapes()
-    # What a 0 / () above means, per bench and shape (`default` serves every other shape).
-    c.per_shape = ml_collections.ConfigDict()
-    c.per_shape.sampler = ml_collections.ConfigDict({
-        "sd15": _defaults(batch=(1, 8, 16, 32), steps=50, repeats=3),
-        "default": _defaults(batch=(1, 2), steps=10, repeats=3)})
-    c.per_shape.decode = ml_collections.ConfigDict({
-        "tiny": _defaults(batch=(4,), prompt_len=16, new_tokens=16, repeats=3),
-        "default": _defaults(batch=(64,), prompt_len=256, new_tokens=128, repeats=3)})
-    c.per_shape.train_step = ml_collections.ConfigDict({
-        "tiny": _defaults(batch=(2,), repeats=3),
-        "default": _defaults(batch=(4,), repeats=11)})
-    if variant not in ("sampler", "decode", "train-step", *UNETS, *DECODERS):
-        raise ValueError(f"configs/benchmark.py: unknown variant {variant!r} (expected sampler, sd15, "
-                         f"sd1-small, decode, train-step or one of {', '.join(DECODERS)})")
+    c.per_shape = _per_shape()
     return c

@@ -1,0 +1,104 @@
+"""Model FLOPs from XLA's cost analysis, and the device peaks they are divided by.
+
+XLA's `cost_analysis()` counts the body of a loop (`scan`, `while_loop`, `lax.map`) once, not
+once per trip. So the benches count one model call (one U-Net forward, one teacher-forced
+decoder pass, one loss gradient) and multiply by the calls a run makes; and on CPU that call is
+lowered with the generic graph (`generic_graph`), because rig_jax's CPU attention runs its heads
+in a `lax.map` that the count would see once. The generic graph is also the model's own
+arithmetic (no CPU-specific rewrites), which is what model FLOP utilisation is about.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# Dense peak TFLOP/s per chip from the vendors' data sheets (no sparsity): (bf16, fp32).
+# fp32 on GPUs is the non-tensor-core rate. Matched against `device_kind`, first hit wins.
+DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
+    ("H200", 989.0, 67.0),            # NVIDIA H200 SXM
+    ("H100", 989.0, 67.0),            # NVIDIA H100 SXM
+    ("A100", 312.0, 19.5),
+    ("L4", 121.0, 30.3),
+    ("TPU v5 lite", 197.0, 197.0),    # TPU v5e (fp32 matmuls run through the bf16 MXU passes)
+    ("TPU v5e", 197.0, 197.0),
+    ("TPU v5p", 459.0, 459.0),
+    ("TPU v5", 459.0, 459.0),
+    ("TPU v6", 918.0, 918.0),
+    ("TPU v4", 275.0, 275.0),
+)
+# A CPU core with AVX-512 and two FMA ports: 2 x 16 fp32 lanes x 2 FLOPs per cycle.
+CPU_FLOPS_PER_CYCLE = 64
+
+
+def cpu_ghz() -> float:
+    """The nominal clock of this machine's first core (/proc/cpuinfo), 0 when unknown."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":")[1]) / 1000
+    except OSError:
+        pass
+    return 0.0
+
+
+def device_peak(backend: str, device_kind: str, dtype: str, threads: int, override_tflops: float = 0.0
+                ) -> tuple[float, str]:
+    """(peak FLOP/s, where it comes from) for `dtype` ("bf16" | "fp32") on one device.
+
+    CPU: `threads` cores x nominal GHz x 64 FLOPs/cycle (AVX-512 FMA on two ports, fp32; bf16
+    has no faster path in XLA:CPU, so the same). 0 when nothing is known."""
+    if override_tflops > 0:
+        return override_tflops * 1e12, f"--config.peak_tflops={override_tflops}"
+    if backend == "cpu":
+        ghz = cpu_ghz()
+        if not ghz:
+            return 0.0, "unknown (no cpu MHz in /proc/cpuinfo)"
+        return (threads * ghz * 1e9 * CPU_FLOPS_PER_CYCLE,
+                f"{threads} core(s) x {ghz:.2f} GHz x {CPU_FLOPS_PER_CYCLE} FLOP/cycle "
+                "(AVX-512, 2 FMA ports)")
+    for name, bf16, fp32 in DEVICE_PEAKS:
+        if name.lower() in device_kind.lower():
+            peak = bf16 if dtype == "bf16" else fp32
+            return peak * 1e12, f"{name} data sheet, dense {dtype}: {peak:g} TFLOP/s"
+    return 0.0, f"unknown device {device_kind!r} (set --config.peak_tflops)"
+
+
+@contextlib.contextmanager
+def generic_graph() -> Iterator[None]:
+    """While tracing inside, rig_jax's models take their non-CPU code paths (they branch on
+    `jax.default_backend()`), so the graph has no per-head loops for the cost analysis."""
+    import jax
+    real = jax.default_backend
+    if real() != "cpu":
+        yield
+        return
+    jax.default_backend = lambda: "tpu"
+    try:
+        yield
+    finally:
+        jax.default_backend = real
+
+
+def call_flops(fn: Callable[..., Any], *args: Any) -> float:
+    """FLOPs XLA counts for one call of `fn(*args)` (jitted here, generic graph)."""
+    import jax
+    with generic_graph():
+        compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list):
+        cost = cost[0] if cost else {}
+    return float((cost or {}).get("flops", 0.0))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process (all its threads)."""
+    return time.process_time()
