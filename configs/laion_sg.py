@@ -33,6 +33,7 @@ STAGES = {"": "grpo_actor", "editor_": "grpo_editor", "reflection_": "reflection
 ACTOR_LORA = r"language_model/.*/(self_attn/[qkvo]|mlp/(gate|up|down))_proj/kernel"   # decoder linears
 EDITOR_LORA = r".*attn[12]/to_(q|k|v|out_0)/kernel"                                  # U-Net attention
 VARIANTS = tuple(prefix + models for prefix in STAGES for models in MODELS)
+unread_fields = shapes_grpo.unread_fields      # the same tree, the same fields read
 
 
 def split_variant(variant: str) -> tuple[str, str]:

@@ -30,3 +30,9 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.systems.batch_size = 8 if tiny else 50
     c.systems.report_prompts = 8 if tiny else 40   # prompts shown in report.html (all are in per_record.csv)
     return c
+
+
+def unread_fields(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """The GRPO tree's unread fields (configs/shapes_grpo.py), and `job`: the demo always runs
+    both stages, then the systems."""
+    return {**shapes_grpo.unread_fields(c), "job": "the demo always runs reflection_grpo (both stages)"}

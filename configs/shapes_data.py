@@ -8,6 +8,9 @@ import ml_collections
 
 from configs import common
 
+VARIANTS = ("demo", "tiny")
+JUDGES = ("shapes",)     # rig_jax.tools.shapes_data scores with the pixel detector only
+
 
 def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c = common.base()
@@ -29,6 +32,13 @@ def get_config(variant: str = "demo") -> ml_collections.ConfigDict:
     c.eval.judge = "shapes"         # the pixel detector; the VLM judge runs through rig-eval
     c.eval.grid_size = 64           # images in the PNG grid
 
-    if variant not in ("demo", "tiny"):
+    if variant not in VARIANTS:
         raise ValueError(f"configs/shapes_data.py: unknown variant {variant!r} (expected demo or tiny)")
     return c
+
+
+def check_config(c: ml_collections.ConfigDict) -> None:
+    """`eval.judge` names the judge in metrics.json; only the pixel detector runs here."""
+    if c.eval.judge not in JUDGES:
+        raise ValueError(f"eval.judge: {c.eval.judge!r} is not run by shapes_data (only {', '.join(JUDGES)}, "
+                         "the pixel detector); score with a VLM through rig-eval --judge vlm")

@@ -7,13 +7,18 @@ stage 1's Actor), and `*_tiny` of each (seconds to minutes, CI).
         --config.actor.path=runs/grpo_actor/actor
     rig-train --config=configs/shapes_grpo.py:reflection --workdir runs/grpo
 """
+import os
+
 import ml_collections
 
 from configs import common
 
 VARIANTS = ("actor", "editor", "reflection")
 JOBS = {"actor": "grpo_actor", "editor": "grpo_editor", "reflection": "reflection_grpo"}
-PRETRAINED = "pretrained/shapes_sg"
+# The committed models, found from this file, so a job started outside the repository root
+# loads them too (a relative path would be read against the working directory).
+PRETRAINED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained",
+                          "shapes_sg")
 
 
 def get_config(variant: str = "actor") -> ml_collections.ConfigDict:
@@ -124,6 +129,44 @@ def get_config(variant: str = "actor") -> ml_collections.ConfigDict:
         c.stages.grpo_actor = ml_collections.ConfigDict(stage_fields("actor"))
         c.stages.grpo_editor = ml_collections.ConfigDict(stage_fields("editor"))
     return c
+
+
+# The fields only one stage reads (the other stage's loss, rollout and reward terms).
+STAGE_ONLY = {"grpo_actor": ("rl.clip_epsilon", "rl.aggregation", "rl.format_weight"),
+              "grpo_editor": ("rl.clip_range", "rl.timestep_fraction", "rl.actor_greedy")}
+CHECKER_VLM = ("path", "dtype", "max_new_tokens", "batch_size", "pad_to_multiple_of")
+JUDGE_VLM = ("path", "dtype", "max_new_tokens", "batch_size")
+NULL_TEXT = ("inner_steps", "learning_rate", "early_stop_epsilon", "early_stop_slope")
+
+
+def unread_fields(c: ml_collections.ConfigDict) -> dict[str, str]:
+    """Field -> why the GRPO jobs (rig_jax/rl, the demo) do not read it with config `c`; the
+    loader refuses such a field when it is set on the command line (rig_jax.config.check_config).
+    Shared by every config of this tree (shapes, laion_sg)."""
+    unread: dict[str, str] = {}
+    if c.checker.kind == "shapes":
+        unread.update({f"checker.{k}": "checker.kind=shapes (the pixel detector)" for k in CHECKER_VLM})
+    if c.judge.kind == "shapes":
+        unread.update({f"judge.{k}": "judge.kind=shapes (the pixel detector)" for k in JUDGE_VLM})
+    elif not c.judge.path and c.rl.reward != "judge":
+        unread.update({f"judge.{k}": "no judge.path: no VLM judge is built (the held-out evaluation "
+                       "uses the pixel detector on ShapesSG, no judge on LAION-SG)"
+                       for k in ("kind", "dtype", "max_new_tokens", "batch_size")})
+    if not c.rl.lora.enabled:
+        unread.update({f"rl.lora.{k}": "rl.lora.enabled is False (the whole model trains)"
+                       for k in ("rank", "alpha", "targets")})
+    if not c.editor.null_text.enabled:
+        unread.update({f"editor.null_text.{k}": "editor.null_text.enabled is False" for k in NULL_TEXT})
+    if c.prompts.source == "shapes":
+        unread.update({f"prompts.{k}": "prompts.source=shapes (scenes drawn from the seed)"
+                       for k in ("data_dir", "split", "eval_split")})
+    elif c.prompts.source == "laion_sg":
+        unread["world"] = "prompts.source=laion_sg (the world only draws ShapesSG scenes)"
+        unread["prompts.eval_seed"] = "prompts.source=laion_sg (held-out prompts are prompts.eval_split)"
+    for job, fields in STAGE_ONLY.items():
+        if c.job != job and c.job != "reflection_grpo":
+            unread.update({f: f"only stage {job} reads it, this job is {c.job}" for f in fields})
+    return unread
 
 
 def stage_fields(name: str) -> dict:

@@ -8,16 +8,23 @@ given, numbers, booleans, Python literals for tuples). Short flags (`--steps 3`)
 each sets one config field, and `--config.*` overrides are applied after them. Every way
 this can fail (missing file, unknown variant, unknown field, wrong type, impossible mesh) is
 a ConfigError naming the file, flag or field: one line on stderr and exit status 2.
+
+Every field either acts or is refused (`check_config`): a field set on the command line that
+the job would not read with this config (`unread_fields`: shared rules, plus the config
+module's own `unread_fields(config)`) is refused with the reason, as is `--config.variant`;
+a config module may also define `check_config(config)` (ValueError: one line).
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import difflib
+import fnmatch
 import importlib.util
+import math
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -41,7 +48,22 @@ def resolve_config_path(path: str) -> str:
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path.py[:variant]`; the folder above the file's folder is importable, so a config
     in `configs/` can `from configs import common`."""
+    return _load_config_module(spec)[1]
+
+
+def _variants_hint(module: Any, message: str) -> str:
+    """` (variants: a, b)` from the module's VARIANTS when the message does not list them all."""
+    variants = [str(v) for v in getattr(module, "VARIANTS", ())]
+    if not variants or all(v in message for v in variants):
+        return ""
+    return f" (variants: {', '.join(variants)})"
+
+
+def _load_config_module(spec: str) -> tuple[Any, ml_collections.ConfigDict]:
+    """(the config module, its `get_config(variant)`) for `path.py[:variant]`."""
     path, _, arg = spec.partition(":")
+    if not path.strip():
+        raise ConfigError(f"--config={spec}: no file given (expected FILE.py[:VARIANT])")
     path = resolve_config_path(path)
     if not os.path.isfile(path):
         raise ConfigError(f"--config: file not found: {spec.partition(':')[0]}")
@@ -59,11 +81,15 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     try:
         config = module.get_config(arg) if arg else module.get_config()
     except (ValueError, KeyError, TypeError) as e:
-        message = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"--config={spec}: {message}") from None
+        # the whole reason on one line (a KeyError's str() is only the quoted key)
+        reason = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        reason = " ".join(line.strip() for line in reason.splitlines() if line.strip()) or type(e).__name__
+        if isinstance(e, KeyError):
+            reason = f"unknown variant {arg!r} ({type(e).__name__}: {reason})"
+        raise ConfigError(f"--config={spec}: {reason}{_variants_hint(module, reason)}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"--config: {path}: get_config returned {type(config).__name__}, not a ConfigDict")
-    return config
+    return module, config
 
 
 def _field(config: ml_collections.ConfigDict, key: str, source: str) -> tuple[Any, str]:
@@ -120,8 +146,30 @@ def parse_value(raw: str, current: Any, flag: str) -> Any:
     if isinstance(current, (tuple, list)):
         if not isinstance(value, (tuple, list)):
             value = (value,)
+        _check_elements(value, current, flag)
         return type(current)(value)
     return value
+
+
+def _scalar_kind(value: Any) -> type | None:
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind
+    return None
+
+
+def _check_elements(value: Sequence[Any], current: Sequence[Any], flag: str) -> None:
+    """A tuple field whose entries all have one scalar type keeps it: `mesh.shape=(2.5, 1, 1)`
+    or `('a', 1, 1)` is refused, not truncated or passed on to fail deep inside a job."""
+    kinds = {_scalar_kind(v) for v in current}
+    if len(kinds) != 1 or None in kinds:
+        return
+    kind = kinds.pop()
+    accepted = (int, float) if kind is float else (kind,)
+    for v in value:
+        if not isinstance(v, accepted) or (kind is not bool and isinstance(v, bool)):
+            raise ConfigError(f"{flag}: every entry must be {'a' if kind is not int else 'an'} "
+                              f"{kind.__name__} (as in {tuple(current)!r}), got {v!r}")
 
 
 def set_field(config: ml_collections.ConfigDict, key: str, value: Any, source: str, flag: str) -> None:
@@ -171,25 +219,111 @@ class SugarParser(argparse.ArgumentParser):
                          argument_default=argparse.SUPPRESS, allow_abbrev=False, **kwargs)
         self.default_config = default_config
 
+    def flag_of(self, dest: str) -> str:
+        """The command-line spelling of the short flag that sets field `dest`."""
+        for action in self._actions:
+            if action.dest == dest:
+                return action.option_strings[0] if action.option_strings else action.metavar or dest
+        return f"--{dest}"
+
     def error(self, message: str) -> None:  # type: ignore[override]
         raise ConfigError(f"{self.prog}: {message}")
 
 
 def parse_config(argv: Sequence[str], parser: SugarParser) -> ml_collections.ConfigDict:
     """The config a tool runs with: the file and variant of `--config` (or the tool's default),
-    then the short flags, then the `--config.a.b=v` overrides; the result is locked."""
+    then the short flags, then the `--config.a.b=v` overrides; the result is checked
+    (`check_config`) and locked."""
     spec, overrides, rest = split_argv(argv)
+    if spec is not None and not spec.strip():
+        raise ConfigError(f"--{CONFIG_FLAG}: empty; give FILE.py[:VARIANT] or leave the flag out "
+                          f"(default {parser.default_config})")
     spec = spec or parser.default_config
     source = resolve_config_path(spec.partition(":")[0])
-    config = load_config_file(spec)
+    module, config = _load_config_module(spec)
+    set_by: dict[str, str] = {}
     for dest, value in vars(parser.parse_args(rest)).items():
-        set_field(config, dest, value, source, f"--{dest} (sugar flag)")
+        flag = f"{parser.flag_of(dest)} (sugar flag)"
+        set_field(config, dest, value, source, flag)
+        set_by[dest] = flag
     for key, raw in overrides:
-        parent, name = _field(config, key, source)
         flag = f"--{CONFIG_FLAG}.{key}={raw}"
+        if key == "variant":
+            file = spec.partition(":")[0]
+            raise ConfigError(f"{flag}: the variant is chosen by --{CONFIG_FLAG}={file}:VARIANT, not "
+                              f"overridden{_variants_hint(module, '')}")
+        parent, name = _field(config, key, source)
         set_field(config, key, parse_value(raw, parent[name], flag), source, flag)
+        set_by[key] = flag
+    check_config(config, module, set_by)
     config.lock()
     return config
+
+
+# Fields where a negative number has no meaning (a seed, a noise scale, DDIM's eta, a CFG
+# scale), matched by the last name of the dotted field, in every config.
+NON_NEGATIVE = ("seed", "*_seed", "eta", "*noise*", "*sigma*", "guidance_scale")
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in node.items():
+        if isinstance(value, (ml_collections.ConfigDict, dict)):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def unread_fields(config: ml_collections.ConfigDict, module: Any = None) -> dict[str, str]:
+    """Field (or section) -> why no job reads it with this config. Shared rules: the
+    `distributed` fields other than `enabled` when it is off, and a top-level field that every
+    stage of `stages` sets (rig-train merges the stage's value over it); then the config
+    module's own `unread_fields(config)`."""
+    unread: dict[str, str] = {}
+    dist = config.get("distributed")
+    if isinstance(dist, ml_collections.ConfigDict) and not dist.get("enabled", True):
+        for key in dist:
+            if key != "enabled":
+                unread[f"distributed.{key}"] = "distributed.enabled is False"
+    stages = config.get("stages")
+    if isinstance(stages, ml_collections.ConfigDict) and len(stages):
+        per_stage = [dict(_leaves(stages[name])) for name in stages]
+        for key in per_stage[0]:
+            if all(key in fields for fields in per_stage):
+                where = ", ".join(f"--config.stages.{name}.{key}" for name in stages)
+                unread[key] = f"every stage sets its own value (set {where})"
+    hook = getattr(module, "unread_fields", None)
+    if hook is not None:
+        unread.update(hook(config))
+    return unread
+
+
+def check_config(config: ml_collections.ConfigDict, module: Any = None,
+                 set_by: Mapping[str, str] | None = None) -> None:
+    """Every field either acts or is refused: the fields given on the command line (`set_by`:
+    field -> the flag that set it) must be ones the job reads, NON_NEGATIVE fields are >= 0,
+    and the module's own `check_config(config)` (ValueError: one line) passes."""
+    set_by = set_by or {}
+    unread = unread_fields(config, module)
+    for key, flag in set_by.items():
+        for field, reason in unread.items():
+            if key == field or key.startswith(field + "."):
+                raise ConfigError(f"{flag}: {field} is not read with this config: {reason}")
+    for key, value in _leaves(config):
+        name = key.rsplit(".", 1)[-1]
+        if not any(fnmatch.fnmatchcase(name, pattern) for pattern in NON_NEGATIVE):
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if not math.isfinite(value) or value < 0:
+            raise ConfigError(f"{set_by.get(key, key)}: must be a finite number >= 0, got {value!r}")
+    hook = getattr(module, "check_config", None)
+    if hook is not None:
+        try:
+            hook(config)
+        except ValueError as e:
+            message = " ".join(str(e).split())
+            field, sep, rest = message.partition(":")
+            raise ConfigError(f"{set_by[field]}:{rest}" if sep and field in set_by else message) from None
 
 
 def validate_config(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:

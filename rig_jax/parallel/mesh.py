@@ -20,7 +20,13 @@ from rig_jax.parallel.rules import MESH_AXES, LogicalRules, rules_from_config
 
 
 def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...]:
-    """Fills one `-1` entry so the product equals `num_devices`; checks the result."""
+    """Fills one `-1` entry so the product equals `num_devices`; checks the result. Entries
+    must be integers: `2.5` or `"2"` is refused, not truncated."""
+    if isinstance(shape, (str, bytes)) or not isinstance(shape, Sequence):
+        raise ConfigError(f"mesh.shape: expected {len(MESH_AXES)} integers {MESH_AXES}, got {shape!r}")
+    bad = [s for s in shape if isinstance(s, bool) or not isinstance(s, (int, np.integer))]
+    if bad:
+        raise ConfigError(f"mesh.shape: entries must be integers (-1 fills the rest), got {tuple(shape)!r}")
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
         raise ConfigError(f"mesh.shape: expected {len(MESH_AXES)} entries {MESH_AXES}, got {shape}")
@@ -93,7 +99,16 @@ def maybe_initialize_distributed(dist_config: Any) -> None:
         kwargs["process_id"] = dist_config.process_id
     if dist_config.get("local_device_ids"):
         kwargs["local_device_ids"] = list(dist_config.local_device_ids)
-    jax.distributed.initialize(**kwargs)
+    count, index = kwargs.get("num_processes"), kwargs.get("process_id")
+    if count is not None and index is not None and index >= count:
+        raise ConfigError(f"distributed.process_id: {index} is not below distributed.num_processes ({count})")
+    try:
+        jax.distributed.initialize(**kwargs)
+    except ValueError as e:   # no coordinator given and no cluster (TPU pod, SLURM, MPI) detected
+        reason = " ".join(str(e).split())
+        raise ConfigError(f"distributed.enabled: jax.distributed.initialize failed ({reason}); off a TPU pod "
+                          "or a SLURM/MPI job set distributed.coordinator_address, num_processes and "
+                          "process_id") from None
 
 
 @contextlib.contextmanager

@@ -137,7 +137,26 @@ def build_checker(config: Any, world: shapes.ShapesConfig | None, mesh: Any, rul
     return VLMChecker(pipe, params, settings)
 
 
+JUDGES = ("shapes", "vlm")
+
+
+def check_judge(config: Any) -> None:
+    """What `build_judge` would refuse, checked without loading anything, so a job that builds
+    its Judge only after training (the demo's systems) refuses a bad one before it starts."""
+    j = config.judge
+    if j.kind not in JUDGES:
+        raise ConfigError(f"judge.kind: {j.kind!r} is not one of {', '.join(JUDGES)}")
+    if j.kind == "shapes" and config.prompts.source != "shapes":
+        raise ConfigError("judge.kind=shapes: the pixel detector reads ShapesSG scenes only "
+                          f"(prompts.source is {config.prompts.source!r})")
+    if j.kind == "vlm" and not j.path:
+        raise ConfigError("judge.path: required for judge.kind=vlm (a Qwen2.5-VL folder)")
+    if j.kind == "vlm" and not os.path.isdir(j.path):
+        raise ConfigError(f"judge.path: {j.path} is not a folder (a Qwen2.5-VL folder for judge.kind=vlm)")
+
+
 def build_judge(config: Any, world: shapes.ShapesConfig | None, mesh: Any, rules: LogicalRules) -> Any:
+    check_judge(config)
     j = config.judge
     if j.kind == "shapes":
         from rig_jax.eval.shapes_judge import ShapesJudge
@@ -145,14 +164,10 @@ def build_judge(config: Any, world: shapes.ShapesConfig | None, mesh: Any, rules
         if world is None:
             raise ConfigError("judge.kind=shapes: the pixel detector reads ShapesSG scenes only")
         return ShapesJudge(world)
-    if j.kind == "vlm":
-        from rig_jax.eval.judge import VLMJudge, make_vlm_generate
+    from rig_jax.eval.judge import VLMJudge, make_vlm_generate
 
-        if not j.path:
-            raise ConfigError("judge.path: required for judge.kind=vlm (a Qwen2.5-VL folder)")
-        return VLMJudge(make_vlm_generate(j.path, j.max_new_tokens, compute_dtype(j.dtype), mesh=mesh,
-                                          rules=rules), batch_size=j.batch_size)
-    raise ConfigError(f"judge.kind: {j.kind!r} is not one of shapes, vlm")
+    return VLMJudge(make_vlm_generate(j.path, j.max_new_tokens, compute_dtype(j.dtype), mesh=mesh,
+                                      rules=rules), batch_size=j.batch_size)
 
 
 def build_environment(config: Any, mesh: Any, rules: LogicalRules, need_judge: bool = False) -> Environment:

@@ -3,8 +3,10 @@
 Reflection-GRPO stage 1 (the Actor) and stage 2 (the Editor) from the committed pretrained
 ShapesSG Diffuser and Actor, each in `<workdir>/<stage>` (a finished stage is skipped, a
 stopped one resumes from its checkpoint), then the six systems of docs/method.md on
-held-out prompts, the same prompts and noise for each, read by the pixel detector:
-`metrics.json`, `per_record.csv`, `report.html` and `plots/` under the workdir.
+held-out prompts, the same prompts and noise for each, scored by the config's judge
+(`judge.kind`: the pixel detector by default, or a VLM judge with `judge.path`):
+`metrics.json` (its `info.judge` names the judge), `per_record.csv`, `report.html` and `plots/`
+under the workdir. Every output path is checked before training starts.
 
     python -m rig_jax.tools.shapes_demo --config=configs/shapes.py:demo [--config.seed=1]
 """
@@ -21,15 +23,11 @@ from rig_jax.config import SugarParser, run_tool
 def run(config: Any) -> dict[str, Any]:
     import logging
 
-    from rig_jax.errors import ConfigError
     from rig_jax.jobs import STAGED
     from rig_jax.parallel import mesh_context
     from rig_jax.tools.train import run_stages
-    from rig_jax.train.loop import check_workdir
 
-    if not config.workdir:
-        raise ConfigError("--config.workdir: required (the stages, the evaluation and the report go there)")
-    check_workdir(config.workdir)
+    check_before_work(config)
     logging.getLogger("absl").setLevel(logging.ERROR)
     start = time.perf_counter()
     run_stages(config, STAGED["reflection_grpo"])
@@ -40,6 +38,7 @@ def run(config: Any) -> dict[str, Any]:
 
     info = {"seed": config.seed, "systems_seed": config.systems.seed, "prompts": config.systems.num_prompts,
             "prompts_seed": config.prompts.eval_seed, "max_rounds": config.loop.max_rounds,
+            "judge": config.judge.kind if config.judge.kind != "vlm" else f"vlm ({config.judge.path})",
             "train_seconds": round(trained, 1), "wall_seconds": round(time.perf_counter() - start, 1),
             "machine": machine()}
     logs = {name: os.path.join(config.workdir, name, "metrics.jsonl") for name in STAGED["reflection_grpo"]}
@@ -47,6 +46,32 @@ def run(config: Any) -> dict[str, Any]:
     scores = ", ".join(f"{r.name} {r.metrics['sg_iou_attr']:.3f}" for r in results)
     print(f"SG-IoU (attr) per system: {scores}; wrote {config.workdir}/report.html")
     return metrics
+
+
+DEMO_JOB = "reflection_grpo"
+OUTPUT_FILES = ("metrics.json", "per_record.csv", "report.html")
+WORKDIR_FLAG = "--config.workdir"
+
+
+def check_before_work(config: Any) -> None:
+    """What would otherwise fail only after training: the job, the judge of the systems, and
+    every output path (the workdir, its stage folders, the report's files and `plots/`)."""
+    from rig_jax.errors import ConfigError
+    from rig_jax.outputs import check_output_file, check_output_folder
+    from rig_jax.rl.environment import check_judge
+    from rig_jax.tools.train import check_stage_folders
+
+    if not config.workdir:
+        raise ConfigError(f"{WORKDIR_FLAG}: required (the stages, the evaluation and the report go there)")
+    if config.job != DEMO_JOB:
+        raise ConfigError(f"job: the demo runs {DEMO_JOB} (both stages, then the systems), "
+                          f"got {config.job!r}")
+    check_judge(config)
+    check_output_folder(config.workdir, WORKDIR_FLAG, allow_existing=True)
+    for name in OUTPUT_FILES:
+        check_output_file(os.path.join(config.workdir, name), WORKDIR_FLAG)
+    check_output_folder(os.path.join(config.workdir, "plots"), WORKDIR_FLAG, allow_existing=True)
+    check_stage_folders(config, WORKDIR_FLAG)
 
 
 def machine() -> str:
@@ -62,7 +87,6 @@ def evaluate(config: Any, mesh: Any, rules: Any) -> list[Any]:
     from tqdm import tqdm
 
     from rig_jax.diffusion.settings import EditSettings
-    from rig_jax.eval.shapes_judge import ShapesJudge
     from rig_jax.rig.actor import ActorSettings, VLMActor
     from rig_jax.rig.loop import Models
     from rig_jax.rl.environment import actor_temperature, build_environment, compute_dtype, load_diffuser
@@ -73,7 +97,7 @@ def evaluate(config: Any, mesh: Any, rules: Any) -> list[Any]:
 
     stage1 = stage_config(config, "grpo_actor", {})
     stage2 = stage_config(config, "grpo_editor", {"grpo_actor": stage1.workdir})
-    env = build_environment(stage1, mesh, rules)
+    env = build_environment(stage1, mesh, rules, need_judge=True)     # the systems' judge: config.judge
     pipe, _, warm_actor = load_actor(stage1, mesh, rules)
     _, _, trained_actor = load_actor(stage2, mesh, rules)        # stage 2 reads stage 1's export
     _, trained_editor = load_diffuser(os.path.join(stage2.workdir, "editor"), "grpo_editor export",
@@ -96,7 +120,7 @@ def evaluate(config: Any, mesh: Any, rules: Any) -> list[Any]:
     try:
         return evaluate_systems(models, graphs, jax.random.PRNGKey(config.systems.seed),
                                 round_settings(config, config.systems.batch_size),
-                                ShapesJudge(env.prompts.world), env.prompts.world, progress)
+                                env.judge, getattr(env.prompts, "world", None), progress)
     finally:
         bar.update(1)
         bar.close()

@@ -16,16 +16,30 @@ def run(config: Any) -> dict[str, Any]:
 
     from rig_jax.errors import ConfigError
     from rig_jax.jobs import STAGED
-    from rig_jax.train.loop import check_workdir
 
     if not config.workdir:
         raise ConfigError("--workdir: required (where checkpoints, metrics and exports go)")
-    check_workdir(config.workdir)
+    check_stage_folders(config, "--workdir")
     # orbax reports routine waits through absl at WARNING; the progress bar and metrics say enough
     logging.getLogger("absl").setLevel(logging.ERROR)
     if config.job in STAGED:
         return run_stages(config, STAGED[config.job])
     return run_job(config)
+
+
+def check_stage_folders(config: Any, field: str) -> None:
+    """Before any work: the workdir and, for a staged job, each `<workdir>/<stage>` can be a
+    folder this process writes (an existing one is resumed); else one line naming `field`."""
+    import os
+
+    from rig_jax.jobs import STAGED
+    from rig_jax.outputs import check_output_folder
+    from rig_jax.train.loop import check_workdir
+
+    check_output_folder(config.workdir, field, allow_existing=True)
+    for name in STAGED.get(config.job, ()):
+        check_output_folder(os.path.join(config.workdir, name), field, allow_existing=True)
+    check_workdir(config.workdir, field)
 
 
 STAGE_EXPORTS = {"grpo_actor": "actor/config.json", "grpo_editor": "editor/model_index.json"}

@@ -70,8 +70,12 @@ class TrainJob:
     host_state: dict[str, Any] | None = None     # the job's host-side statistics, checkpointed
 
 
-def check_workdir(workdir: str) -> None:
-    """A workdir that cannot be created or written is a ConfigError naming it."""
+def check_workdir(workdir: str, field: str = "--workdir") -> None:
+    """Before any work: a workdir that is a file, lies under one, or cannot be created or
+    written is a ConfigError naming `field`. An existing folder is fine (it is resumed)."""
+    from rig_jax.outputs import check_output_folder
+
+    check_output_folder(workdir, field, allow_existing=True)
     try:
         os.makedirs(workdir, exist_ok=True)
         probe = os.path.join(workdir, f".write_probe_{jax.process_index()}")
@@ -80,7 +84,7 @@ def check_workdir(workdir: str) -> None:
         os.remove(probe)
     except OSError as e:
         reason = e.strerror or type(e).__name__
-        raise ConfigError(f"--workdir {workdir}: cannot write there ({reason})") from None
+        raise ConfigError(f"{field}={workdir}: cannot write there ({reason})") from None
 
 
 def state_shardings(params_shardings: Any, optimizer: optax.GradientTransformation, abstract: TrainState,
