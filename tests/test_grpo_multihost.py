@@ -115,10 +115,6 @@ def _weights(folder) -> dict[str, np.ndarray]:
 
 
 @pytest.mark.multihost
-@pytest.mark.xfail(strict=True, reason=(
-    "rig_jax/rig/loop.py _first_images/_edit: np.asarray of the Diffuser's/Editor's output, an "
-    "array sharded across hosts, fails in the held-out evaluation on 2 processes (fix: "
-    "rig_jax.weights.mapping.to_host); remove this mark with the fix"))
 def test_actor_stage_on_two_processes_logs_what_one_process_logs(tmp_path):
     single, multi = tmp_path / "single", tmp_path / "multi"
     _rig_train("actor_tiny", single, *ACTOR, devices=8)          # 4 steps, evaluated at 2 and 4

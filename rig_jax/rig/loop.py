@@ -31,6 +31,7 @@ from rig_jax.errors import ConfigError, RigError
 from rig_jax.rig import diffuser, editor
 from rig_jax.rig.actor import VLMActor, check_images
 from rig_jax.rig.checker import Checker, CheckResult
+from rig_jax.weights.mapping import to_host
 
 FINALS = ("last", "best")
 
@@ -164,7 +165,7 @@ def _first_images(models: Models, graphs: list[SceneGraph], rng: jax.Array, size
         texts = padded([graphs[i].prompt() for i in chunk], size)
         out = diffuser.generate(models.diffuser_pipe, models.diffuser_params, texts, models.sampler,
                                 rng=jax.random.fold_in(rng, c))
-        out = np.asarray(out, np.float32)
+        out = to_host(out).astype(np.float32)
         for j, i in enumerate(chunk):
             images[i] = out[j]
 
@@ -206,7 +207,7 @@ def _edit(models: Models, tracks: list[_Track], graphs: list[SceneGraph], todo: 
         out = editor.edit(models.diffuser_pipe, models.editor_params, images, edit_prompts,
                           [graphs[i].prompt() for i in rows], models.edit,
                           rng=jax.random.fold_in(jax.random.fold_in(rng, 1), c))
-        out = np.asarray(out, np.float32)
+        out = to_host(out).astype(np.float32)
         for j, i in enumerate(chunk):
             tracks[i].images.append(out[j])
             tracks[i].edits.append(edit_prompts[j])
