@@ -163,6 +163,7 @@ def unread_fields(c: ml_collections.ConfigDict) -> dict[str, str]:
     elif c.prompts.source == "laion_sg":
         unread["world"] = "prompts.source=laion_sg (the world only draws ShapesSG scenes)"
         unread["prompts.eval_seed"] = "prompts.source=laion_sg (held-out prompts are prompts.eval_split)"
+    unread["step.ema_decay"] = "the GRPO stages export and evaluate the trained params, never an EMA"
     for job, fields in STAGE_ONLY.items():
         if c.job != job and c.job != "reflection_grpo":
             unread.update({f: f"only stage {job} reads it, this job is {c.job}" for f in fields})

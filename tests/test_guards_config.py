@@ -67,6 +67,12 @@ def test_bad_config_values_are_one_line_naming_the_flag(tmp_path):
     _refused(p["train"], [f"--config={folder / 'keyed.py'}:large"], "unknown variant 'large'", "small, large")
     _refused(p["train"], [f"--config={folder / 'lines.py'}:c"], "no variant 'c' expected a or b")
 
+    from rig_jax.train.step import StepSettings
+
+    for fields, needle in ((dict(compute_dtype="float8"), "step.compute_dtype"),
+                           (dict(ema_decay=1.5), "step.ema_decay"), (dict(ema_decay=-0.1), "step.ema_decay")):
+        with pytest.raises(ConfigError, match=needle):
+            StepSettings(**fields)
     for dist, needle in ((dict(num_processes=2, process_id=2), "distributed.process_id: 2 is not below"),):
         section = ml_collections.ConfigDict(dict(enabled=True, coordinator_address="127.0.0.1:1",
                                                  local_device_ids=(), **dist))
@@ -90,6 +96,7 @@ def test_fields_the_job_would_not_read_are_refused():
         ("demo", ["--config.editor.null_text.inner_steps=3"], "null_text.enabled is False"),
         ("demo", ["--config.prompts.data_dir=/x"], "prompts.source=shapes"),
         ("demo", ["--config.distributed.coordinator_address=h:1"], "distributed.enabled is False"),
+        ("demo", ["--config.step.ema_decay=0.99"], "never an EMA"),
         ("train", [f"--config={GRPO}:actor", "--config.rl.clip_range=0.1"], "only stage grpo_editor"),
         ("train", [f"--config={GRPO}:editor_tiny", "--config.rl.aggregation=sequence"],
          "only stage grpo_actor"),

@@ -17,15 +17,30 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rig_jax.errors import ConfigError
 from rig_jax.train.state import TrainState, update_ema
 
 LossFn = Callable[[Any, Any, Any, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
 
 
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclasses.dataclass(frozen=True)
 class StepSettings:
+    """`config.step`: the dtype the loss sees the params in, and the EMA decay (0: none);
+    checked here so a bad value is one line naming the field, not a numpy error in the step."""
+
     compute_dtype: str = "float32"      # float32 | bfloat16 | float16
     ema_decay: float = 0.0              # 0: no EMA params
+
+    def __post_init__(self) -> None:
+        if self.compute_dtype not in COMPUTE_DTYPES:
+            raise ConfigError(f"step.compute_dtype: {self.compute_dtype!r} is not one of "
+                              f"{', '.join(COMPUTE_DTYPES)}")
+        decay = self.ema_decay
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ConfigError(f"step.ema_decay: must be a number in [0, 1), got {decay!r}")
 
 
 def cast_floating(tree: Any, dtype: Any) -> Any:
