@@ -263,6 +263,7 @@ def parse_config(argv: Sequence[str], parser: SugarParser) -> ml_collections.Con
 # Fields where a negative number has no meaning (a seed, a noise scale, DDIM's eta, a CFG
 # scale), matched by the last name of the dotted field, in every config.
 NON_NEGATIVE = ("seed", "*_seed", "eta", "*noise*", "*sigma*", "guidance_scale")
+SEEDS = ("seed", "*_seed")          # and below 2**63: numpy's and jax's seeds are 64-bit
 
 
 def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -301,7 +302,8 @@ def check_config(config: ml_collections.ConfigDict, module: Any = None,
                  set_by: Mapping[str, str] | None = None) -> None:
     """Every field either acts or is refused: the fields given on the command line (`set_by`:
     field -> the flag that set it) must be ones the job reads, NON_NEGATIVE fields are >= 0,
-    and the module's own `check_config(config)` (ValueError: one line) passes."""
+    seeds are integers below 2**63, and the module's own `check_config(config)` (ValueError:
+    one line) passes."""
     set_by = set_by or {}
     unread = unread_fields(config, module)
     for key, flag in set_by.items():
@@ -316,6 +318,10 @@ def check_config(config: ml_collections.ConfigDict, module: Any = None,
             continue
         if not math.isfinite(value) or value < 0:
             raise ConfigError(f"{set_by.get(key, key)}: must be a finite number >= 0, got {value!r}")
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in SEEDS) and (
+                not isinstance(value, int) or value >= 2 ** 63):
+            raise ConfigError(f"{set_by.get(key, key)}: a seed must be an integer in [0, 2**63), "
+                              f"got {value!r}")
     hook = getattr(module, "check_config", None)
     if hook is not None:
         try:

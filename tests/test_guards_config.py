@@ -51,6 +51,7 @@ def test_bad_config_values_are_one_line_naming_the_flag(tmp_path):
                  ["--config.stages.grpo_editor.editor.sampler.eta=-1"],
                  ["--config.editor.inversion.guidance_scale=nan"]):
         _refused(p["demo"], argv, argv[0], ">= 0")
+    _refused(p["demo"], [f"--config.seed={2 ** 64}"], "2**63")
     _refused(p["data"], ["--config.data.noise_sigma=-0.1"], "--config.data.noise_sigma=-0.1", ">= 0")
     _refused(p["demo"], ["--config.variant=tiny"], "--config=configs/shapes.py:VARIANT", "demo, tiny")
     _refused(p["data"], ["--config.variant=tiny"], "--config=configs/shapes_data.py:VARIANT", "demo, tiny")
