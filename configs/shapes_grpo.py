@@ -144,6 +144,16 @@ def unread_fields(c: ml_collections.ConfigDict) -> dict[str, str]:
     loader refuses such a field when it is set on the command line (rig_jax.config.check_config).
     Shared by every config of this tree (shapes, laion_sg)."""
     unread: dict[str, str] = {}
+    if "stages" in c and c.job == JOBS["reflection"]:
+        # rig-train merges each stage's fields over the shared ones (tools/train.py stage_config)
+        per_stage = [leaves(c.stages[name]) for name in c.stages]
+        for key in per_stage[0]:
+            if all(key in fields for fields in per_stage):
+                where = ", ".join(f"--config.stages.{name}.{key}" for name in c.stages)
+                unread[key] = f"every stage sets its own value (set {where})"
+    elif "stages" in c:
+        unread["stages"] = (f"job {c.job} runs one stage with the shared fields (only {JOBS['reflection']} "
+                            "merges the stages)")
     if c.checker.kind == "shapes":
         unread.update({f"checker.{k}": "checker.kind=shapes (the pixel detector)" for k in CHECKER_VLM})
     if c.judge.kind == "shapes":
@@ -168,6 +178,15 @@ def unread_fields(c: ml_collections.ConfigDict) -> dict[str, str]:
         if c.job != job and c.job != "reflection_grpo":
             unread.update({f: f"only stage {job} reads it, this job is {c.job}" for f in fields})
     return unread
+
+
+def leaves(section: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """The dotted names of a section's fields."""
+    out = []
+    for key, value in section.items():
+        nested = isinstance(value, ml_collections.ConfigDict)
+        out += leaves(value, f"{prefix}{key}.") if nested else [prefix + key]
+    return out
 
 
 def stage_fields(name: str) -> dict:

@@ -275,23 +275,15 @@ def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 
 def unread_fields(config: ml_collections.ConfigDict, module: Any = None) -> dict[str, str]:
-    """Field (or section) -> why no job reads it with this config. Shared rules: the
-    `distributed` fields other than `enabled` when it is off, and a top-level field that every
-    stage of `stages` sets (rig-train merges the stage's value over it); then the config
-    module's own `unread_fields(config)`."""
+    """Field (or section) -> why no job reads it with this config: the `distributed` fields other
+    than `enabled` when it is off (every tool), then the config module's own
+    `unread_fields(config)`."""
     unread: dict[str, str] = {}
     dist = config.get("distributed")
     if isinstance(dist, ml_collections.ConfigDict) and not dist.get("enabled", True):
         for key in dist:
             if key != "enabled":
                 unread[f"distributed.{key}"] = "distributed.enabled is False"
-    stages = config.get("stages")
-    if isinstance(stages, ml_collections.ConfigDict) and len(stages):
-        per_stage = [dict(_leaves(stages[name])) for name in stages]
-        for key in per_stage[0]:
-            if all(key in fields for fields in per_stage):
-                where = ", ".join(f"--config.stages.{name}.{key}" for name in stages)
-                unread[key] = f"every stage sets its own value (set {where})"
     hook = getattr(module, "unread_fields", None)
     if hook is not None:
         unread.update(hook(config))

@@ -101,6 +101,8 @@ def test_fields_the_job_would_not_read_are_refused():
         ("train", [f"--config={GRPO}:actor", "--config.rl.clip_range=0.1"], "only stage grpo_editor"),
         ("train", [f"--config={GRPO}:editor_tiny", "--config.rl.aggregation=sequence"],
          "only stage grpo_actor"),
+        ("train", [f"--config={GRPO}:reflection_tiny", "--config.job=grpo_actor",
+                   "--config.stages.grpo_actor.rl.kl_beta=0.1"], "runs one stage"),
         ("train", [f"--config={ROOT}/configs/laion_sg.py:tiny", "--config.world.image_size=8"],
          "prompts.source=laion_sg"),
         ("data", ["--config.eval.judge=vlm"], "--config.eval.judge=vlm: 'vlm' is not run by shapes_data"),
@@ -115,6 +117,7 @@ def test_fields_the_job_would_not_read_are_refused():
         ("demo", ["--config.distributed.enabled=True", "--config.distributed.num_processes=2"]),
         ("train", [f"--config={GRPO}:editor", "--config.rl.clip_range=0.1"]),
         ("train", [f"--config={GRPO}:reflection_tiny", "--config.rl.aggregation=sequence"]),
+        ("train", [f"--config={GRPO}:reflection_tiny", "--config.job=grpo_actor", "--config.rl.kl_beta=0.1"]),
     ]
     for tool, argv in acting:
         parse_config(argv, p[tool])
