@@ -301,3 +301,82 @@ def test_scheduler_sharing_ddims_betas_is_sampled_as_ddim_with_a_warning(capsys)
         err = capsys.readouterr().err.splitlines()
         assert err == [f"warning: {class_name}.json: {class_name} is not implemented; sampling with DDIM "
                        "instead, on the same betas (scaled_linear) and prediction type (epsilon)"]
+
+
+# ---- rig-convert --overwrite ------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Converts with the orbax writer replaced by a SIGKILL of the process: by then the tokenizer
+# files of the new checkpoint are written (in place, they overwrote the old ones).
+KILLED_CONVERT = """
+import os, signal, sys
+import rig_jax.weights.orbax_store as store
+def killed(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGKILL)
+store.save_checkpoint = killed
+from rig_jax.tools import convert
+convert.main(sys.argv[1:])
+"""
+
+
+def _convert_config(source: str, target: str, overwrite: bool):
+    from rig_jax.config import parse_config
+    from rig_jax.tools import convert
+
+    return parse_config(["to-orbax", source, target] + (["--overwrite"] if overwrite else []),
+                        convert.build_parser())
+
+
+def _tree(folder: str) -> dict[str, bytes]:
+    out = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, folder)] = f.read()
+    return out
+
+
+def test_convert_overwrite_killed_midway_keeps_the_old_folder_whole(tiny_sd, tmp_path, monkeypatch):
+    """rig-convert --overwrite SIGKILLed midway (a real kill -9 of the converting process, after
+    the new tokenizer files are written) leaves the old target byte for byte; a finished
+    overwrite leaves exactly the new checkpoint, none of the old files. The target is checked
+    before anything is read, and refused when non-empty without --overwrite. (Written in place,
+    the killed run left the new tokenizer files in the old folder: a mixture.)"""
+    import subprocess
+    import sys
+
+    from rig_jax.tools import convert
+    from rig_jax.weights import diffusers_pipeline as dp
+    from rig_jax.weights.orbax_store import METADATA_FILE, PARAMS_DIR, load_metadata
+
+    target = str(tmp_path / "target")
+    shutil.copytree(tiny_sd, target)          # an old folder in the way: the SD folder itself
+    with open(os.path.join(target, "tokenizer", "tokenizer_config.json"), "a") as f:
+        f.write("\n")                         # old != new tokenizer files
+    before = _tree(target)
+
+    env = dict(os.environ, JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    argv = ["to-orbax", tiny_sd, target, "--overwrite"]
+    killed = subprocess.run([sys.executable, "-c", KILLED_CONVERT, *argv], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    assert _tree(target) == before            # the old folder, whole
+
+    with pytest.raises(ConfigError, match=re.escape(f"target={target}: folder is not empty (pass")):
+        convert.run(_convert_config(tiny_sd, target, False))
+    # the target is checked before any work: a file in its place fails before the source is read
+    monkeypatch.setattr(dp, "load_pipeline", lambda *a, **k: pytest.fail("source read before the check"))
+    blocker = str(tmp_path / "a_file")
+    open(blocker, "w").close()
+    with pytest.raises(ConfigError, match=re.escape(f"target={blocker}: exists and is not a folder")):
+        convert.run(_convert_config(tiny_sd, blocker, True))
+    monkeypatch.undo()
+
+    convert.run(_convert_config(tiny_sd, target, True))
+    after = _tree(target)
+    assert not set(after) & set(before) - {"tokenizer/tokenizer_config.json", "tokenizer/tokenizer.json"}
+    assert METADATA_FILE in after and any(n.startswith(PARAMS_DIR + os.sep) for n in after)
+    assert after["tokenizer/tokenizer_config.json"] == _tree(tiny_sd)["tokenizer/tokenizer_config.json"]
+    assert load_metadata(target)["kind"] == dp.CHECKPOINT_KIND and dp.is_pipeline_checkpoint(target)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".target")]   # no staging left behind

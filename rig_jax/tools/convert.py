@@ -10,16 +10,21 @@ are loaded onto the mesh of `config.mesh` and gathered when written.
 
 The checkpoint keeps every raw config, the text-layer choice and the tokenizer files, so
 a round trip gives the same tensors and configs. A missing folder or file, a missing,
-surplus or mis-shaped tensor exits with status 2 and one line naming it.
+surplus or mis-shaped tensor exits with status 2 and one line naming it. The target is
+checked before anything is read (writable; not a non-empty folder unless --overwrite) and
+written into a hidden sibling that replaces it whole at the end: a conversion killed midway
+leaves the old target as it was.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from rig_jax.config import SugarParser, run_tool
-from rig_jax.errors import ConfigError, WeightsError
+from rig_jax.errors import ConfigError
+from rig_jax.outputs import check_output_folder, replace_folder
 
 COMMANDS = ("to-orbax", "to-diffusers")
 TEXT_LAYERS = ("last", "penultimate")
@@ -35,15 +40,36 @@ def build_parser() -> SugarParser:
                    help="to-orbax: text-encoder layer that conditions the U-Net, stored in the checkpoint "
                         "(penultimate = diffusers' clip_skip=1)")
     p.add_argument("--overwrite", dest="overwrite", action="store_const", const=True,
-                   help="replace an existing checkpoint / write into an existing, non-empty folder")
+                   help="replace an existing, non-empty target folder (whole, once the conversion is done)")
     return p
 
 
 def _check_target(path: str, overwrite: bool) -> None:
-    if os.path.exists(path) and not os.path.isdir(path):
-        raise WeightsError(f"{path}: exists and is not a folder")
-    if os.path.isdir(path) and os.listdir(path) and not overwrite:
-        raise WeightsError(f"{path}: folder is not empty (pass --overwrite to write into it)")
+    """Before any work: the target can be written (a writable folder, or a creatable path with a
+    writable parent), and an existing non-empty one is replaced only with --overwrite."""
+    check_output_folder(path, "target", overwrite=overwrite)
+
+
+@contextlib.contextmanager
+def _staged(target: str) -> Iterator[str]:
+    """A folder to write the whole conversion into; on success it replaces `target` in one
+    atomic step (`outputs.replace_folder`), so a conversion killed at any point leaves the old
+    target complete (and loadable) or the new one, never a mixture. With several processes
+    their staging folders would differ, so the target is written in place there, and replacing
+    a non-empty one is refused (it could not be made whole)."""
+    import jax
+
+    if jax.process_count() > 1:
+        if os.path.isdir(target) and os.listdir(target):
+            raise ConfigError(f"target={target}: --overwrite of a non-empty folder needs one process "
+                              "(distributed.enabled=False): several cannot swap it in whole")
+        yield target
+        return
+    with replace_folder(target) as staging:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)   # a plain folder's mode, not mkdtemp's 0700
+        yield staging
 
 
 def _count(params: dict) -> int:
@@ -72,10 +98,12 @@ def run(config: Any) -> None:
     with mesh_context(config) as (mesh, rules):
         if config.command == "to-orbax":
             pipe, params = load_pipeline(config.source, text_layer=config.text_layer, mesh=mesh, rules=rules)
-            save_pipeline_checkpoint(config.target, pipe, params, overwrite=config.overwrite)
+            with _staged(config.target) as folder:
+                save_pipeline_checkpoint(folder, pipe, params, overwrite=folder == config.target)
         else:
             pipe, params = load_pipeline_checkpoint(config.source, mesh=mesh, rules=rules)
-            save_pipeline(config.target, pipe, params)
+            with _staged(config.target) as folder:
+                save_pipeline(folder, pipe, params)
     print(f"{config.command}: {config.source} -> {config.target} ({_count(params):,} parameters)")
 
 
