@@ -79,6 +79,17 @@ def test_greedy_matches_transformers_generate(tiny, prompts):
     assert len(np.unique(ref)) > 8  # a non-degenerate continuation
 
 
+def test_generate_compiles_once_per_shape(tiny, prompts):
+    """New prompt values, rng and temperature of the same shapes reuse the compiled decoder."""
+    from rig_jax.vlm import decode
+    first = generate(tiny["module"], tiny["params"], prompts, jax.random.PRNGKey(1), 10, temperature=0.8)
+    compiled = decode._generate._cache_size()
+    other = dict(prompts, input_ids=np.where(prompts["input_ids"] == 7, 3, prompts["input_ids"]))
+    second = generate(tiny["module"], tiny["params"], other, jax.random.PRNGKey(2), 10, temperature=1.1)
+    assert decode._generate._cache_size() == compiled
+    assert not np.array_equal(np.asarray(first["tokens"]), np.asarray(second["tokens"]))
+
+
 def test_stop_token_masks_and_pads(tiny, prompts):
     greedy = np.asarray(generate(tiny["module"], tiny["params"], prompts, jax.random.PRNGKey(0), 16,
                                  greedy=True)["tokens"])

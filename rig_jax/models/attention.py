@@ -35,14 +35,20 @@ def _batched_matmul_attention(query: jax.Array, key: jax.Array, value: jax.Array
                               scale: float | None) -> jax.Array:
     """`jax.nn.dot_product_attention`'s XLA maths (float32 logits and softmax, causal mask
     aligned top-left, masked logits at -0.7 * float32 max) with heads moved before length."""
+    return _heads_major_core(query, key.transpose(0, 2, 3, 1), value.transpose(0, 2, 1, 3), bias, mask,
+                             is_causal, scale)
+
+
+def _heads_major_core(query: jax.Array, k_t: jax.Array, v: jax.Array, bias: jax.Array | None,
+                      mask: jax.Array | None, is_causal: bool, scale: float | None) -> jax.Array:
+    """`_batched_matmul_attention` with keys already `(batch, kv_heads, dim, kv_len)` and
+    values `(batch, kv_heads, kv_len, dim)`."""
     b, q_len, heads, head_dim = query.shape
-    kv_heads, kv_len = key.shape[2], key.shape[1]
+    kv_heads, kv_len = k_t.shape[1], k_t.shape[3]
     groups = heads // kv_heads
     scale = head_dim ** -0.5 if scale is None else scale
     q = query.reshape(b, q_len, kv_heads, groups, head_dim).transpose(0, 2, 3, 1, 4)
-    k = key.transpose(0, 2, 1, 3)    # (b, kv_heads, kv_len, d)
-    v = value.transpose(0, 2, 1, 3)
-    logits = jnp.einsum("bhgqd,bhkd->bhgqk", q, k, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bhgqd,bhdk->bhgqk", q, k_t, preferred_element_type=jnp.float32)
     logits = logits.reshape(b, heads, q_len, kv_len) * jnp.float32(scale)
     if bias is not None:
         logits = logits + bias.astype(jnp.float32)
@@ -51,7 +57,7 @@ def _batched_matmul_attention(query: jax.Array, key: jax.Array, value: jax.Array
         mask = causal if mask is None else jnp.logical_and(mask, causal)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.float32(-0.7 * float(jnp.finfo(jnp.float32).max)))
-    probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bhgqk,bhkd->bhgqd", probs.reshape(b, kv_heads, groups, q_len, kv_len), v)
     return out.reshape(b, heads, q_len, head_dim).transpose(0, 2, 1, 3)
 
@@ -178,3 +184,14 @@ def dot_product_attention(query: jax.Array, key: jax.Array, value: jax.Array, *,
         out = jax.nn.dot_product_attention(query, key, value, bias=bias, mask=mask,
                                            is_causal=is_causal, scale=scale)
     return out.astype(out_dtype)
+
+
+def heads_major_attention(query: jax.Array, key_t: jax.Array, value: jax.Array, mask: jax.Array | None
+                          ) -> jax.Array:
+    """Masked attention of `(batch, q_len, heads, dim)` queries over keys stored
+    `(batch, kv_heads, dim, kv_len)` and values `(batch, kv_heads, kv_len, dim)` (a KV cache's
+    layout), on every backend; output `(batch, q_len, heads, dim)`. Both dots (q K^T, P V)
+    then read the cache as it lies: XLA:CPU copied slot-major or row-major keys transposed on
+    every decoding step. The maths are `_batched_matmul_attention`'s (float32 logits and
+    softmax, the same masked value)."""
+    return _heads_major_core(query, key_t, value, None, mask, False, None).astype(query.dtype)
