@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from rig_jax.data import laion_sg
 from rig_jax.data import shapes as S
 from rig_jax.data.scene_graph import Item, Relation, SceneGraph
-from rig_jax.errors import DataError
+from rig_jax.errors import ConfigError, DataError
 from rig_jax.tools import evaluate, sample, shapes_data
 from rig_jax.vlm.lenient_json import loads_lenient
 from tests.sd_fixtures import shared_tiny_sd_folder
@@ -57,59 +57,64 @@ def _eval_metrics(records_path, image_dir, out, *extra) -> dict:
         return json.load(f)
 
 
-def test_non_finite_noise_or_weights_are_errors_naming_the_stage(tmp_path_factory, tmp_path, capsys):
+def test_non_finite_noise_or_weights_are_errors_naming_the_stage(tmp_path_factory, tmp_path, capsys,
+                                                                 monkeypatch):
     import jax
     import jax.numpy as jnp
 
-    from rig_jax.diffusion.settings import SamplerSettings
-    from rig_jax.rig.diffuser import FINITE_STAGES, NonFiniteError, generate
-    from rig_jax.weights.diffusers_pipeline import load_any_pipeline
+    from rig_jax.rig import diffuser
 
     folder = shared_tiny_sd_folder(tmp_path_factory)[0]
-    pipe, params = load_any_pipeline(folder)
-    settings = SamplerSettings(num_steps=2, guidance_scale=2.0, eta=0.0, guidance_rescale=0.0)
     noise = np.asarray(jax.random.normal(jax.random.key(0), (2, 8, 8, 4)), np.float32)
-    prompts = ["a red cube", "a blue ball"]
-
-    def poisoned(part: str, where: str) -> dict:
-        flat = jax.tree_util.tree_flatten_with_path(params[part])[0]
-        target = next(path for path, _ in flat if where in jax.tree_util.keystr(path))
-        tree = jax.tree_util.tree_map_with_path(lambda p, x: x * jnp.nan if p == target else x, params[part])
-        return {**params, part: tree}
-
-    images = generate(pipe, params, prompts, settings, init_latents=noise, check_finite=True)
-    assert np.isfinite(np.asarray(images)).all()
     nan_noise = noise.copy()
     nan_noise[1, 3, 3, 0] = np.nan
-    cases = [(params, nan_noise, FINITE_STAGES[0]),
-             (poisoned("text_encoder", "final_layer_norm"), noise, FINITE_STAGES[1]),
-             (poisoned("unet", "conv_out"), noise, FINITE_STAGES[2]),
-             (poisoned("vae", "decoder"), noise, FINITE_STAGES[3])]
-    for case_params, latents, stage in cases:
-        with pytest.raises(NonFiniteError, match=stage):
-            generate(pipe, case_params, prompts, settings, init_latents=latents, check_finite=True)
+    prompts = ["a red cube", "a blue ball"]
 
     # The tool: NaN starting noise (refused before the model, here absent, is read) and NaN
     # U-Net weights exit 2 with no PNG written.
-    nan_file = tmp_path / "nan.npy"
-    np.save(nan_file, nan_noise)
+    np.save(tmp_path / "nan.npy", nan_noise)
+    np.save(tmp_path / "ok.npy", noise)
     grid = tmp_path / "grid.png"
     args = ["--prompt", prompts[0], "--prompt", prompts[1], "--steps", "2", "--guidance", "2",
             "--batch", "2", "--out", str(grid)]
-    message = _exit_2(sample.main, ["--model", str(tmp_path / "absent"), "--init-latents", str(nan_file),
-                                    *args], capsys)
-    assert "NaN or Inf" in message and str(nan_file) in message
+    message = _exit_2(sample.main, ["--model", str(tmp_path / "absent"), "--init-latents",
+                                    str(tmp_path / "nan.npy"), *args], capsys)
+    assert "NaN or Inf" in message and "nan.npy" in message
     broken = tmp_path / "nan_unet"
     shutil.copytree(folder, broken)
     weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
     state = load_file(weights)
     state["conv_out.bias"] = np.full_like(state["conv_out.bias"], np.nan)
     save_file(state, weights)
-    np.save(tmp_path / "ok.npy", noise)
+    real_generate, seen = diffuser.generate, []
+    monkeypatch.setattr(diffuser, "generate", lambda pipe, params, *a, **k: (
+        seen.append((pipe, params, a[1])), real_generate(pipe, params, *a, **k))[1])
     message = _exit_2(sample.main, ["--model", str(broken), "--init-latents", str(tmp_path / "ok.npy"),
                                     *args], capsys)
-    assert "rig-sample" in message and FINITE_STAGES[2] in message
+    assert "rig-sample: prompts 1-2" in message and "U-Net's denoised latents are not finite" in message
     assert not grid.exists()
+
+    # The library, on the tool's pipeline and program: each stage poisoned in turn is named.
+    pipe, tool_params, settings = seen[0]
+
+    def scaled(params: dict, part: str, where: str, value: float) -> dict:
+        """`params` with the first leaf of `part` whose path holds `where` filled with `value`."""
+        flat = jax.tree_util.tree_flatten_with_path(params[part])[0]
+        target = next(path for path, _ in flat if where in jax.tree_util.keystr(path))
+        tree = jax.tree_util.tree_map_with_path(lambda p, x: jnp.full_like(x, value) if p == target else x,
+                                                params[part])
+        return {**params, part: tree}
+
+    params = scaled(tool_params, "unet", "conv_out']['bias", 0.0)       # the NaN bias zeroed: finite
+    images = real_generate(pipe, params, prompts, settings, init_latents=noise, check_finite=True)
+    assert np.isfinite(np.asarray(images)).all()
+    cases = [(params, nan_noise, diffuser.FINITE_STAGES[0]),
+             (scaled(params, "text_encoder", "final_layer_norm", jnp.nan), noise, diffuser.FINITE_STAGES[1]),
+             (scaled(params, "unet", "conv_out", jnp.inf), noise, diffuser.FINITE_STAGES[2]),
+             (scaled(params, "vae", "decoder", jnp.nan), noise, diffuser.FINITE_STAGES[3])]
+    for case_params, latents, stage in cases:
+        with pytest.raises(diffuser.NonFiniteError, match=stage):
+            real_generate(pipe, case_params, prompts, settings, init_latents=latents, check_finite=True)
 
 
 def test_output_paths_are_checked_before_any_work(scenes, tmp_path, capsys):
@@ -130,6 +135,8 @@ def test_output_paths_are_checked_before_any_work(scenes, tmp_path, capsys):
     assert "noise_sigma" in _exit_2(shapes_data.main, ["--config=configs/shapes_data.py:tiny",
                                                        f"--config.out_dir={tmp_path / 'sd'}",
                                                        "--config.data.noise_sigma=nan"], capsys)
+    with pytest.raises(ConfigError, match="data_dir"):
+        laion_sg.build_laion_sg(os.path.dirname(image_dir), blocker / "tfds")
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
 
 

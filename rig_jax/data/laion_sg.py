@@ -52,6 +52,7 @@ from etils import epath
 
 from rig_jax.data.scene_graph import SceneGraph
 from rig_jax.errors import ConfigError, DataError
+from rig_jax.outputs import check_output_folder
 
 if TYPE_CHECKING:
     import grain
@@ -426,6 +427,7 @@ def build_laion_sg(json_dir: str | os.PathLike, data_dir: str | os.PathLike,
     `incomplete.*` folders of killed builds, which tfds itself never deletes."""
     # Checked before tfds creates any folder, so a typo leaves nothing behind.
     _split_files(Path(json_dir), Path(image_dir) if image_dir is not None else None)
+    check_output_folder(os.fspath(data_dir), "data_dir", allow_existing=True)
     builder = LaionSG(json_dir=json_dir, image_dir=image_dir, data_dir=os.fspath(data_dir))
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)

@@ -122,7 +122,9 @@ def write_all_hosts_metrics(out_dir: str, graphs: list, results: list, host: int
     metrics = {k: float(v) for k, v in zip(keys, rows.mean(axis=0), strict=True)}
     metrics.update(num_records=int(rows.shape[0]), hosts=int(gathered.shape[0]))
     if host == 0:
-        with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        from rig_jax.outputs import replace_file
+
+        with replace_file(os.path.join(out_dir, "metrics.json")) as f:
             json.dump(metrics, f, indent=2)
         print(f"all {metrics['num_records']} records on {metrics['hosts']} hosts: "
               f"SG-IoU {metrics['sg_iou_attr']:.4f}; wrote {out_dir}/metrics.json")
