@@ -2,8 +2,10 @@
 
 A table maps each Flax param path to one source key and a transform; every model's table is
 written with the one `KeyTableBuilder`. Conversion is strict: every key of the table must be
-in the file, every key of the file must be in the table, and every converted tensor must have
-the shape the Flax model expects; anything else is a WeightsError naming the key.
+in the file, every key of the file must be in the table, and every stored tensor must have
+exactly the source shape its transform derives from the Flax param the config builds (rank,
+sizes and axis order: a swapped or cut tensor never converts into the right shape by chance);
+anything else is a WeightsError naming the key and its file.
 """
 from __future__ import annotations
 
