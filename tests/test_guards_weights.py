@@ -380,3 +380,37 @@ def test_convert_overwrite_killed_midway_keeps_the_old_folder_whole(tiny_sd, tmp
     assert after["tokenizer/tokenizer_config.json"] == _tree(tiny_sd)["tokenizer/tokenizer_config.json"]
     assert load_metadata(target)["kind"] == dp.CHECKPOINT_KIND and dp.is_pipeline_checkpoint(target)
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".target")]   # no staging left behind
+
+
+# A stage export swapped in with the process SIGKILLed at its second rename (moving the old
+# export aside was the first): the folder must still hold the old export or the new one.
+KILLED_SWAP = """
+import os, signal, sys
+from rig_jax.weights import io
+renames = []
+def replace(a, b, real=os.replace):
+    renames.append(a)
+    if len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(a, b)
+os.replace = replace
+io.swap_in_folder(sys.argv[1], sys.argv[2])
+"""
+
+
+def test_stage_export_swap_killed_leaves_old_or_new_folder(tmp_path):
+    """weights.io.swap_in_folder (the stage exports' whole-folder replace) killed with -9 between
+    its renames left no folder at the export path (old moved aside, new not yet in)."""
+    import subprocess
+    import sys
+
+    folder, new = tmp_path / "export", tmp_path / "export.tmp"
+    for path, text in ((folder, "old"), (new, "new")):
+        path.mkdir()
+        (path / "model_index.json").write_text(text)
+    result = subprocess.run([sys.executable, "-c", KILLED_SWAP, str(new), str(folder)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode in (0, -9), result.stderr
+    assert (folder / "model_index.json").read_text() in ("old", "new")
+    if result.returncode == 0:
+        assert (folder / "model_index.json").read_text() == "new" and not new.exists()

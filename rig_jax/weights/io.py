@@ -158,11 +158,17 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, tokenizer_source: str,
 
 
 def swap_in_folder(new: str, folder: str) -> None:
-    """Replaces `folder` by the finished folder `new` (a sibling) in whole: the old one is moved
-    aside, the new one renamed into place, the old one removed; a crash leaves one complete
-    folder (the old, or the new), never a mix."""
+    """Replaces `folder` by the finished folder `new` (a sibling) in whole. Where the system can
+    (Linux renameat2), the two are exchanged in one atomic step and the old one, now at `new`,
+    removed: a kill at any instant leaves the old folder or the new one at `folder`. Elsewhere
+    the old one is moved aside first, leaving a short window with no folder at `folder`."""
     import shutil
 
+    from rig_jax.outputs import _exchange
+
+    if os.path.isdir(folder) and _exchange(new, folder):
+        shutil.rmtree(new, ignore_errors=True)
+        return
     old = folder + ".old"
     shutil.rmtree(old, ignore_errors=True)
     if os.path.isdir(folder):
