@@ -15,7 +15,8 @@ of its family). Shapes (the `--shape` names; config keys spell dots and dashes a
 - decoder family (decode, actor-step): `tiny`, `cpu` (a 5 M-param Qwen2.5-VL text model:
   hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 2,048), `qwen2-1.5b`, `qwen2.5-vl-3b`,
   `qwen2.5-vl-7b` (the decoders of the Qwen releases, random weights).
-- loop: `shapes-sg` (the committed ShapesSG Diffuser, Actor and pixel Checker).
+- loop: `shapes-sg` (the committed ShapesSG Diffuser, Actor and pixel Checker, K = 2 rounds);
+  `tiny` (the same models, one round, 2 DDIM steps).
 
 Fields left at None take the shape's value from `per_shape`; a value given must be >= 1.
 """
@@ -72,6 +73,8 @@ def _shapes() -> ml_collections.ConfigDict:
     c.loop = ml_collections.ConfigDict()
     c.loop.shapes_sg = _d(name="shapes-sg", diffuser="pretrained/shapes_sg/diffuser",
                           actor="pretrained/shapes_sg/actor", max_rounds=2)
+    c.loop.tiny = _d(name="tiny", diffuser="pretrained/shapes_sg/diffuser",
+                     actor="pretrained/shapes_sg/actor", max_rounds=1)   # the same models, one round
     return c
 
 
@@ -101,7 +104,7 @@ def _per_shape() -> ml_collections.ConfigDict:
     editor["sd1_small"] = editor["cpu"]
     editor["default"] = editor["cpu"]
     train = dict(tiny=_d(batch=(1,), repeats=3), default=_d(batch=(4,), repeats=11))
-    loop = dict(default=_d(batch=(4,), steps=10, repeats=3))
+    loop = dict(tiny=_d(batch=(1,), steps=2, repeats=1), default=_d(batch=(4,), steps=10, repeats=3))
     c = ml_collections.ConfigDict()
     for bench, table in (("sampler", unet), ("inversion", unet), ("decode", lm), ("actor_step", actor),
                          ("editor_step", editor), ("train_step", train), ("loop", loop)):

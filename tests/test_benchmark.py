@@ -1,52 +1,81 @@
-"""rig-benchmark prints one JSON line per measurement, with the device named."""
+"""rig-benchmark: every bench prints one JSON line per measurement with the fields
+docs/benchmarks.md describes, beside its PyTorch peer where one exists; bad counts are one
+line and exit 2. The figures themselves are not checked (this is the harness, not speed);
+parity is: both sides read the same saved weights, so their outputs must agree."""
 import json
+import os
 
 import pytest
 
 from rig_jax.tools import benchmark
 
+CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache")
+SIDE_FIELDS = {"median_s", "min_s", "max_s", "iqr_s", "median_cpu_s", "first_call_s", "load_s",
+               "peak_rss_mib", "peak_device_mib", "mfu"}
+UNITS = {"sampler": "images", "inversion": "images", "decode": "tokens", "actor-step": "steps",
+         "editor-step": "steps", "loop": "images"}
+PEERS = {"sampler": "diffusers", "inversion": "diffusers", "decode": "transformers", "actor-step": "torch",
+         "editor-step": "torch"}
 
-def test_sampler_tiny_prints_json_lines(capsys):
-    benchmark.main(["sampler", "--batch", "1", "2", "--steps", "2", "--repeats", "1"])
-    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
-    assert [r["batch"] for r in lines] == [1, 2]
-    for r in lines:
-        assert r["bench"] == "sampler" and r["steps"] == 2 and r["dtype"] == "fp32"
-        assert r["images_per_s"] > 0 and r["backend"] == "cpu" and r["device"]
+
+def test_every_bench_with_its_peer_prints_json_lines(capsys):
+    """`all --peer` at the tiny shapes, one round: the six benches in one pair of workers (the
+    rig_jax worker uses the tests' persistent compilation cache, so reruns are quick)."""
+    for module in ("torch", "diffusers", "transformers"):
+        pytest.importorskip(module)
+    benchmark.main(["all", "--peer", "--shape", "tiny", "--repeats", "1",
+                    f"--config.cache_dir={os.path.join(CACHE, 'benchmark_models')}",
+                    f"--config.compile_cache={os.path.join(CACHE, 'jax_bench_workers')}"])
+    records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["bench"] for r in records] == list(benchmark.ALL)
+    for r in records:
+        bench, unit = r["bench"], UNITS[r["bench"]]
+        assert r["shape"] == "tiny" and r["batch"] >= 1 and r["dtype"] == "fp32" and r["repeats"] == 1
+        assert r["backend"] == "cpu" and r["device"] and r["threads"] == 1 and r["unit"] == f"{unit}/s"
+        assert SIDE_FIELDS | {f"{unit}_per_s", "compile_s"} <= set(r["rig_jax"]), bench
+        assert r["rig_jax"][f"{unit}_per_s"] > 0 and r["rig_jax"]["peak_rss_mib"] > 0
+        assert r["peak_flops"] > 0 and r["peak_flops_source"]
+        if bench == "loop":
+            assert r["peer"] is None and "no PyTorch implementation" in r["no_peer"]
+            assert r["prompts"] == r["batch"] and r["edits_per_run"] >= 0 and r["rig_jax"]["mfu"] is None
+            continue
+        assert r["model_flops_per_call"] > 0 and 0 < r["rig_jax"]["mfu"] < 1, bench
+        assert r["peer"] == PEERS[bench] and SIDE_FIELDS | {f"{unit}_per_s"} <= set(r["torch"])
+        assert r["ratio"] > 0 and len(r["per_round_ratio"]) == 1 and r["versions"]["torch"]
+        assert r["summary"] == f"cpu {bench} vs {PEERS[bench]}: {r['ratio']:.2f}x"
+        assert r["parity"]["ok"], (bench, r["parity"])
+    by_bench = {r["bench"]: r for r in records}
+    assert by_bench["decode"]["parity"]["tokens_equal_frac"] == 1.0
+    for bench in ("actor-step", "editor-step"):
+        assert by_bench[bench]["parity"]["grad_norm_rel_err"] < 1e-4
+        assert by_bench[bench]["parity"]["grad_norm_torch"] > 0
 
 
-def test_unknown_shape_is_refused():
+def test_counts_below_one_are_one_line_naming_the_flag(capsys):
+    for argv, flag in ((["--repeats", "0"], "--repeats"), (["--batch", "0"], "--batch"),
+                       (["--steps", "-1"], "--steps"), (["--batch", "2", "0"], "--batch"),
+                       (["--config.repeats=0"], "--repeats")):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(["sampler", *argv])
+        assert exit_info.value.code == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and err.startswith(f"error: {flag}: "), (argv, err)
+
+
+def test_unknown_shape_is_refused(capsys):
     with pytest.raises(SystemExit) as exit_info:
         benchmark.main(["sampler", "--shape", "sdxl"])
     assert exit_info.value.code == 2
+    assert "unknown unet shape 'sdxl'" in capsys.readouterr().err
 
 
-def test_train_step_tiny_prints_parity_and_speed_lines(capsys, tmp_path):
-    """rig_jax's and diffusers' step on the same saved weights: the two JSON lines and their
-    fields (the figures themselves are not checked: this is about the harness, not speed)."""
-    pytest.importorskip("torch")
-    pytest.importorskip("diffusers")
-    benchmark.main(["train-step", "--shape", "tiny", "--batch", "1", "--repeats", "2",
-                    f"--config.cache_dir={tmp_path}"])
-    parity, speed = (json.loads(line) for line in capsys.readouterr().out.strip().splitlines())
-    for r in (parity, speed):
-        assert r["bench"] == "train-step" and r["shape"] == "tiny" and r["batch"] == 1 and r["threads"] == 1
-    assert parity["what"] == "parity" and parity["ok"]
-    assert parity["loss_rel_err"] < 1e-4 and parity["grad_norm_rel_err"] < 1e-4
-    assert speed["what"] == "speed" and speed["repeats"] == 2 and len(speed["per_round_ratio"]) == 2
-    assert speed["backend"] == "cpu" and speed["device"] and speed["torch_device"] == "cpu"
-    assert speed["steps_per_s_rig_jax"] > 0 and speed["steps_per_s_torch"] > 0 and speed["ratio"] > 0
-    assert set(speed["median_s"]) == set(speed["median_cpu_s"]) == {"rig_jax", "torch"}
-    assert speed["summary"].startswith("cpu train-step vs torch: ")
-
-
-def test_train_step_without_torch_is_one_line(monkeypatch, capsys):
+def test_peer_without_torch_is_one_line(monkeypatch, capsys):
     import importlib.util
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "torch" else real(name, *a))
     with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["train-step", "--shape", "tiny"])
+        benchmark.main(["decode", "--shape", "tiny", "--peer"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "torch not installed" in err

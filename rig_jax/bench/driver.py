@@ -155,20 +155,21 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
     then `repeats` rounds alternating the order, then outputs and memory."""
     spec = build_spec(config, bench, batch, device)
     repeats = per_shape(config, bench, "repeats")
-    ready = {side: w.ask("load", bench=bench, spec=spec) for side, w in pair.workers.items()}
-    sides = list(pair.workers)
+    workers = {side: w for side, w in pair.workers.items() if side == "rig_jax" or bench in PEER_NAMES}
+    ready = {side: w.ask("load", bench=bench, spec=spec) for side, w in workers.items()}
+    sides = list(workers)
     wall: dict[str, list[float]] = {s: [] for s in sides}
     cpu: dict[str, list[float]] = {s: [] for s in sides}
     ratios = []
     for r in range(repeats):
         order = sides if r % 2 == 0 else sides[::-1]
-        got = {side: pair.workers[side].ask("time") for side in order}
+        got = {side: workers[side].ask("time") for side in order}
         for side, t in got.items():
             wall[side].append(t["s"])
             cpu[side].append(t["cpu_s"])
         if "torch" in got:
             ratios.append(got["torch"]["s"] / got["rig_jax"]["s"])
-    stats = {side: w.ask("stats") for side, w in pair.workers.items()}
+    stats = {side: w.ask("stats") for side, w in workers.items()}
     per_call = batch * (spec.get("new_tokens") or 1) if bench == "decode" else batch
     unit = UNITS[bench]
     jax_ready = ready["rig_jax"]
@@ -197,10 +198,16 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
         "rig_jax": sides_record["rig_jax"], "model_flops_per_call": flops,
         "peak_flops": peak, "peak_flops_source": peak_source,
         "loadavg_1m": round(os.getloadavg()[0], 2)}
-    if "torch" in pair.workers:
+    if "no_peer" in jax_ready:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = workers["rig_jax"].ask("outputs", path=os.path.join(tmp, "rig_jax.npz"))["path"]
+            edits = int(np.load(path)["edits"].sum())
+        record.update(peer=None, no_peer=jax_ready["no_peer"], prompts=jax_ready["prompts"],
+                      max_rounds=spec["max_rounds"], edits_per_run=edits)
+    if "torch" in workers:
         with tempfile.TemporaryDirectory() as tmp:
             paths = {side: os.path.join(tmp, f"{side}.npz") for side in sides}
-            for side, w in pair.workers.items():
+            for side, w in workers.items():
                 w.ask("outputs", path=paths[side])
             record["parity"] = parity(bench, paths)
         ratio = statistics.median(ratios)

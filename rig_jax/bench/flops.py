@@ -82,12 +82,14 @@ def generic_graph() -> Iterator[None]:
         jax.default_backend = real
 
 
-def call_flops(fn: Callable[..., Any], *args: Any) -> float:
-    """FLOPs XLA counts for one call of `fn(*args)` (jitted here, generic graph)."""
+def call_flops(fn: Callable[..., Any], *args: Any, compile: bool = False) -> float:
+    """FLOPs XLA's HLO cost analysis counts for one call of `fn(*args)` (jitted here, generic
+    graph). By default of the lowered module, which skips a second compile of the model; its
+    dot and convolution FLOPs are those of `.compile().cost_analysis()` (`compile=True`)."""
     import jax
     with generic_graph():
-        compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
+        lowered = jax.jit(fn).lower(*args)
+    cost = lowered.compile().cost_analysis() if compile else lowered.cost_analysis()
     if isinstance(cost, list):
         cost = cost[0] if cost else {}
     return float((cost or {}).get("flops", 0.0))

@@ -20,11 +20,12 @@ from rig_jax.bench.models import SD_SCHEDULER
 
 @dataclasses.dataclass
 class JaxTask:
-    fn: Callable[..., Any]                           # jitted
+    fn: Callable[..., Any] | None                    # jitted (None: `call` is timed as it is)
     args: tuple[Any, ...]
     outputs: Callable[[Any], dict[str, np.ndarray]]  # result -> arrays compared with the peer's
-    flops: Callable[[], float]                       # model FLOPs of one call
+    flops: Callable[[], float]                       # model FLOPs of one call (0: not counted)
     info: dict[str, Any]
+    call: Callable[[], Any] | None = None            # a host-side composite (the loop), compiled on first use
 
 
 def compute_dtype(spec: dict[str, Any]) -> Any:

@@ -76,11 +76,7 @@ def run(config: Any) -> None:
         for bench in benches:
             batches = driver.per_shape(config, bench, "batch")
             for batch in batches if isinstance(batches, (tuple, list)) else (batches,):
-                if bench == "loop":
-                    from rig_jax.bench.loop import measure_loop
-                    emit(measure_loop(pair.workers["rig_jax"], config, batch, device, peer=config.peer))
-                else:
-                    emit(driver.measure(pair, config, bench, batch, device))
+                emit(driver.measure(pair, config, bench, batch, device))
     finally:
         pair.close()
 
