@@ -93,11 +93,14 @@ def _run(config: Any, mesh: Any) -> dict[str, Any]:
             graphs += batch["graph"]
             images += noisy[:max(0, config.eval.grid_size - len(images))]
             bar.update(len(noisy))
+    summary = builder.skip_summaries.get("test")   # what the build skipped, by kind
+    skipped = dict(summary.skipped) if summary is not None else {}
     title = f"ShapesSG demo ({world.image_size}px, noise σ={config.data.noise_sigma})"
     metrics = write_evaluation(out, records, graphs, results, images, judge_name=config.eval.judge,
                                judge_seconds=judge_seconds, report_rows=config.eval.grid_size,
                                grid_size=config.eval.grid_size, title=title,
-                               extra={"noise_sigma": config.data.noise_sigma, "host": host, "hosts": hosts})
+                               extra={"noise_sigma": config.data.noise_sigma, "host": host, "hosts": hosts,
+                                      "skipped_records": skipped})
     if hosts > 1:
         metrics = write_all_hosts_metrics(config.out_dir, graphs, results, host)
     return metrics
