@@ -68,7 +68,7 @@ def check_output_file(path: str, field: str, *, overwrite: bool = True) -> None:
     _check_creatable(path, field)
 
 
-def _exchange(a: str, b: str) -> bool:
+def exchange_paths(a: str, b: str) -> bool:
     """Atomically swap two existing paths (Linux renameat2 RENAME_EXCHANGE); False where the
     system cannot."""
     libc_name = ctypes.util.find_library("c")
@@ -103,6 +103,9 @@ def replace_folder(path: str) -> Iterator[str]:
     os.makedirs(parent, exist_ok=True)
     remove_stale_staging(path)
     staging = tempfile.mkdtemp(prefix=f".{name}{_STAGING}", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)        # a plain folder's mode once swapped in, not mkdtemp's 0700
     try:
         yield staging
     except BaseException:
@@ -111,7 +114,7 @@ def replace_folder(path: str) -> Iterator[str]:
     if not os.path.exists(path):
         os.rename(staging, path)
         return
-    if not _exchange(staging, path):          # non-Linux: a short window with no folder at path
+    if not exchange_paths(staging, path):          # non-Linux: a short window with no folder at path
         old = tempfile.mkdtemp(prefix=f".{name}{_STAGING}", dir=parent)
         os.rmdir(old)
         os.rename(path, old)

@@ -66,9 +66,6 @@ def _staged(target: str) -> Iterator[str]:
         yield target
         return
     with replace_folder(target) as staging:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)   # a plain folder's mode, not mkdtemp's 0700
         yield staging
 
 

@@ -164,9 +164,9 @@ def swap_in_folder(new: str, folder: str) -> None:
     the old one is moved aside first, leaving a short window with no folder at `folder`."""
     import shutil
 
-    from rig_jax.outputs import _exchange
+    from rig_jax.outputs import exchange_paths
 
-    if os.path.isdir(folder) and _exchange(new, folder):
+    if os.path.isdir(folder) and exchange_paths(new, folder):
         shutil.rmtree(new, ignore_errors=True)
         return
     old = folder + ".old"
