@@ -66,9 +66,9 @@ def _shapes() -> ml_collections.ConfigDict:
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                          mrope_section=(8, 12, 12), tie_word_embeddings=False)
     c.vision = ml_collections.ConfigDict()
-    for name in ("tiny", "cpu"):
-        c.vision[name] = dict(SMALL_VISION)
-    for name in DECODERS:
+    for name in ("tiny", "cpu", "qwen2-1.5b"):    # Qwen2-1.5B has no vision tower: the smallest
+        c.vision[key(name)] = dict(SMALL_VISION)
+    for name in ("qwen2.5-vl-3b", "qwen2.5-vl-7b"):
         c.vision[key(name)] = dict(RELEASED_VISION)
     c.loop = ml_collections.ConfigDict()
     c.loop.shapes_sg = _d(name="shapes-sg", diffuser="pretrained/shapes_sg/diffuser",

@@ -79,3 +79,27 @@ def test_peer_without_torch_is_one_line(monkeypatch, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "torch not installed" in err
+
+
+def test_gpu_summary_reads_the_prepared_scripts_lines(tmp_path):
+    """tools/gpu_bench.sh's last step: the issue's three GPU lines from the JSON lines of one
+    run (synthetic here: no GPU is lent to the tests), and `not measured` where one is missing."""
+    from rig_jax.bench.gpu_summary import summary
+
+    def write(name, records):
+        (tmp_path / name).write_text("noise\n" + "\n".join(json.dumps(r) for r in records) + "\n")
+
+    side = lambda ips, unit="images": {f"{unit}_per_s": ips}
+    write("sampler.jsonl", [{"bench": "sampler", "batch": b, "dtype": "bf16", "ratio": ratio,
+                             "parity": {"ok": True}, "rig_jax": side(ips), "torch": side(ips / ratio)}
+                            for b, ips, ratio in ((8, 6.0, 1.5), (32, 8.0, 2.0))])
+    assert summary(str(tmp_path))[:1] == ["sampler vs diffusers eager: 2.00x"]
+    assert any(line.startswith("sampler vs torch.compile: not measured") for line in summary(str(tmp_path)))
+    assert "decode vs transformers: not measured (no decode line with --peer)" in summary(str(tmp_path))
+    write("peer_baseline.jsonl", [{"event": "ddim", "label": "diffusers-compile-fp16", "batch": 8,
+                                   "s_sampling": 2.0, "s_vae": 0.5}])
+    write("decode.jsonl", [{"bench": "decode", "batch": 64, "ratio": 5.25, "parity": {"ok": True},
+                            "rig_jax": side(6300.0, "tokens"), "torch": side(1200.0, "tokens")}])
+    lines = summary(str(tmp_path))
+    assert "sampler vs torch.compile: 1.50x" in lines       # 6 img/s over 8 / 2.0 s
+    assert "decode vs transformers: 5.25x" in lines

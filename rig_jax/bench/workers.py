@@ -24,10 +24,12 @@ WORKER = "import sys; from rig_jax.bench.workers import serve; serve(sys.argv[1]
 
 
 def worker_env(threads: int, device: str, compile_cache: str = "") -> dict[str, str]:
-    """Both workers' environment. CPU: `threads` for torch's OpenMP/MKL and XLA's pool, one host
-    device; with one thread XLA's Eigen pool is off too, so no worker spins while it waits (CPU
-    seconds then count work only). GPU: each side may take under half the card's memory."""
+    """Both workers' environment. CPU: `threads` for torch's OpenMP/MKL and XLA's pool (and the
+    cores each worker is pinned to: `pin_to_cores`), one host device; with one thread XLA's
+    Eigen pool is off too, so no worker spins while it waits (CPU seconds count work only).
+    GPU: each side may take under half the card's memory."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               RIG_BENCH_THREADS=str(threads),
                TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if compile_cache:
@@ -99,8 +101,19 @@ class _Side:
         return {"s": time.perf_counter() - t0, "cpu_s": cpu_seconds() - c0}
 
 
+def pin_to_cores(threads: int) -> list[int]:
+    """Restrict this process to the first `threads` cores it may use, before jax or torch start
+    their pools: a side then never computes on more cores than it was given (XLA:CPU runs
+    independent ops on extra threads even with a one-thread intra-op pool). Both workers take
+    the same cores; they run one at a time."""
+    cores = sorted(os.sched_getaffinity(0))[:threads]
+    os.sched_setaffinity(0, cores)
+    return cores
+
+
 def serve(side: str) -> None:
     """The worker loop of `side` ("rig_jax" | "torch") over stdin/stdout."""
+    cores = pin_to_cores(int(os.environ.get("RIG_BENCH_THREADS", "1")))
     import numpy as np
     out = sys.stdout
     sys.stdout = sys.stderr       # libraries' prints must not break the protocol
@@ -110,7 +123,7 @@ def serve(side: str) -> None:
         out.write(json.dumps(record) + "\n")
         out.flush()
 
-    say(started=True, pid=os.getpid())
+    say(started=True, pid=os.getpid(), cores=cores)
     for line in sys.stdin:
         command = json.loads(line)
         try:
