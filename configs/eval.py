@@ -16,6 +16,7 @@ def get_config(variant: str = "shapes") -> ml_collections.ConfigDict:
     c.images = ""                 # folder of each record's image, named by the record's `name`
     c.judge = "shapes"            # shapes | vlm
     c.out = ""                    # output folder (required)
+    c.overwrite = False           # replace a non-empty `out` folder (whole, once the evaluation is done)
     c.limit = 0                   # score only the first N records; 0: all
     c.batch_size = 32             # images per judge call
     c.report_rows = 200           # records shown in report.html

@@ -30,7 +30,6 @@ What it refuses, and when:
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 import time
@@ -59,7 +58,7 @@ def build_parser() -> SugarParser:
     p.add_argument("--vlm-max-new-tokens", dest="vlm.max_new_tokens", type=int,
                    help="longest VLM answer in tokens (for --judge vlm)")
     p.add_argument("--out", dest="out", help="output folder")
-    p.add_argument("--overwrite", dest="overwrite", action="store_true",
+    p.add_argument("--overwrite", dest="overwrite", action="store_const", const=True,
                    help="replace a non-empty --out folder (whole, once the evaluation is done)")
     p.add_argument("--limit", dest="limit", type=int, help="score only the first N records")
     p.add_argument("--batch-size", dest="batch_size", type=int, help="images per judge call")
@@ -190,15 +189,13 @@ def shapes_vocabulary_check(graphs: Sequence[SceneGraph], records: Sequence[dict
                            f"scenes and score 0 whatever the image shows ({example})")
 
 
-def evaluate(config: Any, overwrite: bool | None = None) -> dict[str, Any]:
+def evaluate(config: Any) -> dict[str, Any]:
     """Runs the evaluation `config` asks for on the mesh of `config.mesh`; returns the metrics.
-    `overwrite` (else the config's `overwrite` field, if it has one) allows replacing a
-    non-empty `out` folder."""
+    `config.overwrite` allows replacing a non-empty `out` folder."""
     from rig_jax.outputs import check_output_folder, replace_folder
     from rig_jax.parallel import mesh_context
 
-    if overwrite is None:
-        overwrite = bool(config.get("overwrite", False))
+    overwrite = bool(config.overwrite)
     if config.judge not in JUDGES:
         raise ConfigError(f"judge: {config.judge!r} is not one of {', '.join(JUDGES)}")
     if not config.out:
@@ -287,11 +284,7 @@ def _evaluate(config: Any, records_path: str, image_dir: str, mesh: Any, rules: 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Console entry point (`rig-eval`): bad input exits 2 with one line on stderr."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    # `--overwrite` is taken here, not as a config field: configs/eval.py has no `overwrite`.
-    overwrite = "--overwrite" in args
-    args = [a for a in args if a != "--overwrite"]
-    run_tool(functools.partial(evaluate, overwrite=overwrite or None), args, build_parser())
+    run_tool(evaluate, argv, build_parser())
 
 
 if __name__ == "__main__":
