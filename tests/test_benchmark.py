@@ -11,7 +11,7 @@ from rig_jax.tools import benchmark
 
 CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache")
 SIDE_FIELDS = {"median_s", "min_s", "max_s", "iqr_s", "median_cpu_s", "first_call_s", "load_s",
-               "peak_rss_mib", "peak_device_mib", "mfu"}
+               "peak_rss_mib", "peak_rss_scope", "peak_device_mib", "mfu"}
 UNITS = {"sampler": "images", "inversion": "images", "decode": "tokens", "actor-step": "steps",
          "editor-step": "steps", "loop": "images"}
 PEERS = {"sampler": "diffusers", "inversion": "diffusers", "decode": "transformers", "actor-step": "torch",
@@ -34,6 +34,7 @@ def test_every_bench_with_its_peer_prints_json_lines(capsys):
         assert r["backend"] == "cpu" and r["device"] and r["threads"] == 1 and r["unit"] == f"{unit}/s"
         assert SIDE_FIELDS | {f"{unit}_per_s", "compile_s"} <= set(r["rig_jax"]), bench
         assert r["rig_jax"][f"{unit}_per_s"] > 0 and r["rig_jax"]["peak_rss_mib"] > 0
+        assert r["rig_jax"]["peak_rss_scope"] == "bench"    # Linux: each bench's own peak
         assert r["peak_flops"] > 0 and r["peak_flops_source"]
         if bench == "loop":
             assert r["peer"] is None and "no PyTorch implementation" in r["no_peer"]

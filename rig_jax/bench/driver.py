@@ -184,6 +184,7 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
                f"{unit}_per_s": round(per_call / med, 4),
                "first_call_s": round(ready[side]["first_call_s"], 3),
                "load_s": round(ready[side]["load_s"], 3), "peak_rss_mib": stats[side]["peak_rss_mib"],
+               "peak_rss_scope": ready[side]["peak_rss_scope"],
                "peak_device_mib": stats[side]["device_peak_mib"],
                "mfu": round(flops / med / peak, 5) if peak and flops else None}
         if side == "rig_jax":

@@ -95,8 +95,27 @@ def call_flops(fn: Callable[..., Any], *args: Any, compile: bool = False) -> flo
     return float((cost or {}).get("flops", 0.0))
 
 
+def reset_peak_rss() -> bool:
+    """Restart this process's peak-RSS count from its current RSS (Linux: 5 into clear_refs),
+    so each bench a worker loads reports its own peak; False where the system refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def peak_rss_mib() -> float:
-    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    """This process's peak resident set size since the last `reset_peak_rss` (VmHWM), else
+    over its life (ru_maxrss, KiB on Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 

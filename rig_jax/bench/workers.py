@@ -8,6 +8,7 @@ result materialised: wall and CPU seconds of the process), `outputs` (the last r
 own calls; the driver times nothing."""
 from __future__ import annotations
 
+import gc
 import json
 import os
 import subprocess
@@ -17,7 +18,7 @@ import time
 import traceback
 from typing import Any
 
-from rig_jax.bench.flops import cpu_seconds, peak_rss_mib
+from rig_jax.bench.flops import cpu_seconds, peak_rss_mib, reset_peak_rss
 from rig_jax.errors import RigError
 
 WORKER = "import sys; from rig_jax.bench.workers import serve; serve(sys.argv[1])"
@@ -130,8 +131,10 @@ def serve(side: str) -> None:
             what = command["cmd"]
             if what == "load":
                 current = None
+                gc.collect()
+                rss_scope = "bench" if reset_peak_rss() else "process"
                 current = _Side(side, command["bench"], command["spec"])
-                say(**current.ready)
+                say(**current.ready, peak_rss_scope=rss_scope)
             elif what == "time":
                 say(**current.time())
             elif what == "outputs":
