@@ -60,9 +60,13 @@ def per_shape(config: Any, bench: str, field: str) -> Any:
 
 
 def resolve_device(name: str) -> str:
+    """`--device`; auto: gpu when an NVIDIA device node exists, tpu when a TPU's does, else cpu
+    (decided without starting an accelerator backend in the driver)."""
     if name != "auto":
         return name
-    return "gpu" if os.path.exists("/dev/nvidia0") else "cpu"
+    if os.path.exists("/dev/nvidia0"):
+        return "gpu"
+    return "tpu" if os.path.exists("/dev/accel0") or os.path.exists("/dev/vfio/0") else "cpu"
 
 
 def dtype_name(config: Any, device: str) -> str:

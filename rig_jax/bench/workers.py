@@ -28,7 +28,7 @@ def worker_env(threads: int, device: str, compile_cache: str = "") -> dict[str, 
     """Both workers' environment. CPU: `threads` for torch's OpenMP/MKL and XLA's pool (and the
     cores each worker is pinned to: `pin_to_cores`), one host device; with one thread XLA's
     Eigen pool is off too, so no worker spins while it waits (CPU seconds count work only).
-    GPU: each side may take under half the card's memory."""
+    GPU: each side may take under half the card's memory; TPU: rig_jax alone."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                RIG_BENCH_THREADS=str(threads),
                TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -39,12 +39,13 @@ def worker_env(threads: int, device: str, compile_cache: str = "") -> dict[str, 
     if device == "cpu":
         flags = "--xla_force_host_platform_device_count=1"
         if threads == 1:
-            flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+            flags += " --xla_cpu_multi_thread_eigen=false"
         env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=flags, CUDA_VISIBLE_DEVICES="")
-    else:
-        env.pop("JAX_PLATFORMS", None)
-        env.pop("XLA_FLAGS", None)
-        env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.45"
+    else:  # the accelerator: the driver's JAX_PLATFORMS=cpu must not reach the worker
+        for name in ("JAX_PLATFORMS", "XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE"):
+            env.pop(name, None)
+        if device == "gpu":
+            env["XLA_PYTHON_CLIENT_MEM_FRACTION"] = "0.45"
     return env
 
 

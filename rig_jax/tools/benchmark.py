@@ -26,7 +26,7 @@ from rig_jax.errors import ConfigError
 BENCHES = ("sampler", "inversion", "decode", "actor-step", "editor-step", "loop", "train-step")
 ALL = ("sampler", "inversion", "decode", "actor-step", "editor-step", "loop")
 DTYPE_NAMES = ("auto", "bf16", "fp32")
-DEVICES = ("auto", "cpu", "gpu")
+DEVICES = ("auto", "cpu", "gpu", "tpu")
 # flag -> config field of the counts that must be >= 1 when given
 COUNTS = {"--repeats": "repeats", "--steps": "steps", "--trained-steps": "trained_steps",
           "--prompt-len": "prompt_len", "--new-tokens": "new_tokens", "--threads": "threads"}
@@ -98,14 +98,19 @@ def build_parser() -> SugarParser:
     p.add_argument("--prompt-len", dest="prompt_len", type=int, help="prompt tokens (decode, actor-step)")
     p.add_argument("--new-tokens", dest="new_tokens", type=int, help="generated / completion tokens")
     p.add_argument("--dtype", dest="dtype", choices=DTYPE_NAMES, help="compute dtype")
-    p.add_argument("--device", dest="device", choices=DEVICES, help="where both sides run")
+    p.add_argument("--device", dest="device", choices=DEVICES,
+                   help="where both sides run (tpu: rig_jax only; auto: gpu or tpu when present, else cpu)")
     p.add_argument("--repeats", dest="repeats", type=int, help="timed rounds per side (>= 1)")
     p.add_argument("--threads", dest="threads", type=int, help="threads per side")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point (`rig-benchmark`): bad input exits 2 with one line on stderr."""
+    """Console entry point (`rig-benchmark`): bad input exits 2 with one line on stderr. This
+    process only drives the workers: its own jax stays on the CPU (unless JAX_PLATFORMS says
+    otherwise), so it never takes accelerator memory from them."""
+    import os
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
     run_tool(run, argv, build_parser())
 
 
