@@ -53,11 +53,13 @@ def test_every_bench_with_its_peer_prints_json_lines(capsys):
 
 
 def test_counts_below_one_are_one_line_naming_the_flag(capsys):
-    for argv, flag in ((["--repeats", "0"], "--repeats"), (["--batch", "0"], "--batch"),
-                       (["--steps", "-1"], "--steps"), (["--batch", "2", "0"], "--batch"),
-                       (["--config.repeats=0"], "--repeats")):
+    for argv, flag in ((["sampler", "--repeats", "0"], "--repeats"), (["sampler", "--batch", "0"], "--batch"),
+                       (["sampler", "--steps", "-1"], "--steps"),
+                       (["decode", "--batch", "2", "0"], "--batch"),
+                       (["sampler", "--config.repeats=0"], "--repeats"),
+                       (["--config=configs/benchmark.py:sd15", "--config.batch=(1, 0)"], "--batch")):
         with pytest.raises(SystemExit) as exit_info:
-            benchmark.main(["sampler", *argv])
+            benchmark.main(argv)
         assert exit_info.value.code == 2, argv
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and err.startswith(f"error: {flag}: "), (argv, err)

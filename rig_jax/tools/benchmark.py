@@ -83,8 +83,8 @@ def run(config: Any) -> None:
 
 def build_parser() -> SugarParser:
     p = SugarParser("rig-benchmark", __doc__.splitlines()[0], "configs/benchmark.py:sampler")
-    p.add_argument("bench", nargs="?", choices=(*BENCHES, "all"),
-                   help="what to time (all: the six of issue 12)")
+    p.add_argument("bench", nargs="?", metavar="{" + ",".join((*BENCHES, "all")) + "}",
+                   help="what to time (all: the six of issue 12); none: the config's (`--config`)")
     p.add_argument("--peer", dest="peer", action="store_const", const=True,
                    help="also run the PyTorch reference on the same weights, interleaved")
     p.add_argument("--shape", dest="shape",
