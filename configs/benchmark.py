@@ -122,6 +122,7 @@ def get_config(variant: str = "sampler") -> ml_collections.ConfigDict:
         raise ValueError(f"configs/benchmark.py: unknown variant {variant!r} (expected one of "
                          f"{', '.join((*BENCHES, 'all', *UNETS, *DECODERS))})")
     c.peer = False                # also run the PyTorch reference, interleaved round by round
+    c.forward_only = False        # training benches: time the loss without its gradient (where time goes)
     c.dtype = "auto"              # auto: bf16 on accelerators, fp32 on CPU (no bf16 units) | bf16 | fp32
     c.device = "auto"             # auto: gpu when /dev/nvidia0 exists, else cpu | cpu | gpu
     c.repeats = None              # timed rounds; None: the shape's (`per_shape`)

@@ -65,11 +65,14 @@ def test_counts_below_one_are_one_line_naming_the_flag(capsys):
         assert "\n" not in err and err.startswith(f"error: {flag}: "), (argv, err)
 
 
-def test_unknown_shape_is_refused(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        benchmark.main(["sampler", "--shape", "sdxl"])
-    assert exit_info.value.code == 2
-    assert "unknown unet shape 'sdxl'" in capsys.readouterr().err
+def test_unknown_shape_and_fields_no_bench_reads_are_refused(capsys):
+    for argv, message in ((["sampler", "--shape", "sdxl"], "unknown unet shape 'sdxl'"),
+                          (["all", "--forward-only"], "--forward-only: only for the training benches"),
+                          (["sampler", "--device", "tpu", "--peer"], "--peer: the PyTorch side runs on cpu")):
+        with pytest.raises(SystemExit) as exit_info:
+            benchmark.main(argv)
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err, argv
 
 
 def test_peer_without_torch_is_one_line(monkeypatch, capsys):

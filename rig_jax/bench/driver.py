@@ -81,7 +81,8 @@ def build_spec(config: Any, bench: str, batch: int, device: str) -> dict[str, An
     shape = model_shape(config, bench)
     spec: dict[str, Any] = {"bench": bench, "shape": shape_name(config, bench), "batch": batch,
                             "dtype": dtype_name(config, device), "device": device, "threads": config.threads,
-                            "guidance": config.guidance, "seed": config.seed}
+                            "guidance": config.guidance, "seed": config.seed,
+                            "forward_only": bool(config.forward_only)}
     if family(bench) == "unet":
         from rig_jax.weights.unet import unet_config_to_diffusers
         unet = UNetConfig(**shape.unet.to_dict())
@@ -200,6 +201,7 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
         "threads": config.threads, "repeats": repeats, "unit": f"{unit}/s",
         **{k: spec[k] for k in ("steps", "trained_steps", "prompt_len", "new_tokens") if spec.get(k)},
         **({"guidance": spec["guidance"]} if bench in ("sampler", "editor-step") else {}),
+        **({"forward_only": True} if spec["forward_only"] else {}),
         "rig_jax": sides_record["rig_jax"], "model_flops_per_call": flops,
         "peak_flops": peak, "peak_flops_source": peak_source,
         "loadavg_1m": round(os.getloadavg()[0], 2)}
@@ -224,5 +226,6 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
             cpu_s_ratio=round(theirs["median_cpu_s"] / ours["median_cpu_s"], 4),
             per_round_ratio=[round(x, 3) for x in ratios],
             versions={k: torch_ready[k] for k in VERSION_KEYS if k in torch_ready},
-            summary=f"{jax_ready['backend']} {bench} vs {PEER_NAMES[bench]}: {ratio:.2f}x")
+            summary=f"{jax_ready['backend']} {bench}{' (forward only)' if spec['forward_only'] else ''} "
+                    f"vs {PEER_NAMES[bench]}: {ratio:.2f}x")
     return record

@@ -61,6 +61,16 @@ def _loss_outputs(result: Any) -> dict[str, np.ndarray]:
     return {"loss": np.asarray(float(loss)), "grad_norm": np.asarray(_tree_norm(grads))}
 
 
+def _training(spec: dict[str, Any], loss: Callable[..., jax.Array], args: tuple[Any, ...]) -> JaxTask:
+    """A training bench's task: `jit(value_and_grad(loss))` in the params (the first argument),
+    or with `forward_only` the loss alone (the split that says where a step's time goes)."""
+    if spec.get("forward_only"):
+        return JaxTask(jax.jit(loss), args, lambda r: {"loss": np.asarray(float(r))},
+                       lambda: call_flops(loss, *args), {})
+    grad = jax.value_and_grad(loss)
+    return JaxTask(jax.jit(grad), args, _loss_outputs, lambda: call_flops(grad, *args), {})
+
+
 def sampler(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
     """Guided DDIM (`diffusion.sample`, one scan; CFG halves in one batch) from noise latents."""
     from rig_jax.diffusion import sample
@@ -142,9 +152,7 @@ def actor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
         logp = score(module, p, b, completions, 1.0, mask)
         return token_grpo_loss(logp, old, ref, mask, adv, settings)[0]
 
-    grad = jax.value_and_grad(loss)
-    args = (params, batch, *arrays)
-    return JaxTask(jax.jit(grad), args, _loss_outputs, lambda: call_flops(grad, *args), {})
+    return _training(spec, loss, (params, batch, *arrays))
 
 
 def editor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
@@ -173,9 +181,7 @@ def editor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
         dist = jnp.mean(jnp.square(mean - ref), axis=tuple(range(1, mean.ndim))).reshape(n, k)
         return diffusion_ppo_loss(logp, old, adv, jnp.ones((n, k)), dist, std_row, settings)[0]
 
-    grad = jax.value_and_grad(loss)
-    args = (params, *arrays)
-    return JaxTask(jax.jit(grad), args, _loss_outputs, lambda: call_flops(grad, *args), {})
+    return _training(spec, loss, (params, *arrays))
 
 
 def train_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
@@ -192,8 +198,7 @@ def train_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
         pred = denoise(p, noisy.astype(dtype), t, context.astype(dtype)).astype(jnp.float32)
         return jnp.mean((pred - noise) ** 2)
 
-    grad = jax.value_and_grad(loss)
-    return JaxTask(jax.jit(grad), args, _loss_outputs, lambda: call_flops(grad, *args), {})
+    return _training(spec, loss, args)
 
 
 BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], JaxTask]] = {

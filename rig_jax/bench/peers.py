@@ -64,12 +64,31 @@ def _unet(spec: dict[str, Any], train: bool) -> tuple[Any, dict[str, Any]]:
     return unet, {"diffusers": diffusers.__version__, "attn_processor": attn}
 
 
-def _loss_outputs(model: Any) -> Callable[[Any], dict[str, np.ndarray]]:
+def _training(spec: dict[str, Any], model: Any, loss_fn: Callable[[], Any], info: dict[str, Any]
+              ) -> TorchTask:
+    """The timed call of a training bench: zero_grad, the loss, backward (with `forward_only`:
+    the loss alone under no_grad, the split that says where a step's time goes)."""
+    import torch
+
+    def run() -> Any:
+        if spec.get("forward_only"):
+            with torch.no_grad():
+                loss = loss_fn()
+        else:
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+        _sync(spec)
+        return loss.detach()
+
     def outputs(loss: Any) -> dict[str, np.ndarray]:
+        if spec.get("forward_only"):
+            return {"loss": np.asarray(float(loss))}
         norm = math.sqrt(sum(float((p.grad.double() ** 2).sum()) for p in model.parameters()
                              if p.grad is not None))
         return {"loss": np.asarray(float(loss)), "grad_norm": np.asarray(norm)}
-    return outputs
+
+    return run, outputs, info
 
 
 def sampler(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
@@ -161,8 +180,7 @@ def actor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
     valid = mask > 0
     eps, beta = 0.2, 0.04
 
-    def run() -> Any:
-        hf.zero_grad(set_to_none=True)
+    def loss_fn() -> Any:
         logits = hf(input_ids=full, attention_mask=attention, logits_to_keep=c + 1).logits[:, :-1]
         logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, comps[..., None])[..., 0]
         logp = torch.where(valid, logp, torch.zeros_like(logp))
@@ -173,12 +191,9 @@ def actor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
         ref_minus = torch.where(valid, ref - logp, torch.zeros_like(logp))
         k3 = torch.exp(ref_minus) - ref_minus - 1
         total = torch.where(valid, policy + beta * k3, torch.zeros_like(logp)).sum()
-        loss = total / valid.float().sum().clamp(min=1)
-        loss.backward()
-        _sync(spec)
-        return loss.detach()
+        return total / valid.float().sum().clamp(min=1)
 
-    return run, _loss_outputs(hf), info
+    return _training(spec, hf, loss_fn, info)
 
 
 def editor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
@@ -200,8 +215,7 @@ def editor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
     a_t, a_prev = view(alphas[t].float()), view(alphas[prev_t].float())
     std = torch.sqrt(((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).clamp(min=0))
 
-    def run() -> Any:
-        unet.zero_grad(set_to_none=True)
+    def loss_fn() -> Any:
         both = unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=context, return_dict=False)[0]
         eps_u, eps_c = both.chunk(2)
         eps = eps_u + w * (eps_c - eps_u)
@@ -213,12 +227,9 @@ def editor_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
         a = adv[:, None]
         policy = torch.maximum(-a * ratio, -a * torch.clamp(ratio, 1 - clip, 1 + clip))
         kl = ((mean - ref) ** 2).mean(dim=(1, 2, 3)).view(n, k) / (2 * std.view(n, k) ** 2)
-        loss = (policy + beta * kl).mean()
-        loss.backward()
-        _sync(spec)
-        return loss.detach()
+        return (policy + beta * kl).mean()
 
-    return run, _loss_outputs(unet), info
+    return _training(spec, unet, loss_fn, info)
 
 
 def train_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
@@ -229,16 +240,12 @@ def train_step(spec: dict[str, Any], data: dict[str, np.ndarray]) -> TorchTask:
     ab = torch.from_numpy(data["alpha_bar"]).to(dev).view(-1, 1, 1, 1)
     t, cond = torch.from_numpy(data["t"]).to(dev), torch.from_numpy(data["cond"]).to(dev)
 
-    def run() -> Any:
-        unet.zero_grad(set_to_none=True)
+    def loss_fn() -> Any:
         noisy = ab.sqrt() * clean + (1 - ab).sqrt() * noise
         pred = unet(noisy, t, encoder_hidden_states=cond, return_dict=False)[0]
-        loss = torch.nn.functional.mse_loss(pred, noise)
-        loss.backward()
-        _sync(spec)
-        return loss.detach()
+        return torch.nn.functional.mse_loss(pred, noise)
 
-    return run, _loss_outputs(unet), info
+    return _training(spec, unet, loss_fn, info)
 
 
 BUILDERS: dict[str, Callable[[dict[str, Any], dict[str, np.ndarray]], TorchTask]] = {

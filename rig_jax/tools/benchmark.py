@@ -25,6 +25,7 @@ from rig_jax.errors import ConfigError
 
 BENCHES = ("sampler", "inversion", "decode", "actor-step", "editor-step", "loop", "train-step")
 ALL = ("sampler", "inversion", "decode", "actor-step", "editor-step", "loop")
+TRAINING = ("actor-step", "editor-step", "train-step")
 DTYPE_NAMES = ("auto", "bf16", "fp32")
 DEVICES = ("auto", "cpu", "gpu", "tpu")
 # flag -> config field of the counts that must be >= 1 when given
@@ -58,6 +59,9 @@ def check_config(config: Any) -> tuple[str, ...]:
             raise ConfigError(f"--batch: batch sizes must be integers >= 1, got {config.batch!r}")
     for bench in benches:
         driver.model_shape(config, bench)
+    if config.forward_only and any(b not in TRAINING for b in benches):
+        raise ConfigError(f"--forward-only: only for the training benches ({', '.join(TRAINING)}), "
+                          f"not {', '.join(b for b in benches if b not in TRAINING)}")
     if config.peer:
         require("torch", "diffusers", "transformers", why="--peer")
         if driver.resolve_device(config.device) not in ("cpu", "gpu"):
@@ -87,6 +91,8 @@ def build_parser() -> SugarParser:
                    help="what to time (all: the six of issue 12); none: the config's (`--config`)")
     p.add_argument("--peer", dest="peer", action="store_const", const=True,
                    help="also run the PyTorch reference on the same weights, interleaved")
+    p.add_argument("--forward-only", dest="forward_only", action="store_const", const=True,
+                   help="training benches: the loss alone, no gradient (both sides)")
     p.add_argument("--shape", dest="shape",
                    help="named shape: tiny, cpu, sd15 (U-Net benches); tiny, cpu, qwen2-1.5b, "
                         "qwen2.5-vl-3b, qwen2.5-vl-7b (decode, actor-step); shapes-sg (loop)")
