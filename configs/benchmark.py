@@ -16,7 +16,8 @@ of its family). Shapes (the `--shape` names; config keys spell dots and dashes a
   hidden 256, 4 layers, 4 heads / 2 KV heads, vocab 2,048), `qwen2-1.5b`, `qwen2.5-vl-3b`,
   `qwen2.5-vl-7b` (the decoders of the Qwen releases, random weights).
 - loop: `shapes-sg` (the committed ShapesSG Diffuser, Actor and pixel Checker, K = 2 rounds);
-  `tiny` (the same models, one round, 2 DDIM steps).
+  `tiny` (the same models, K = 0: Generate and Reflect only, 2 DDIM steps; the tests' shape,
+  whose first call compiles in ~7 s where one edit round adds ~20 s).
 
 Fields left at None take the shape's value from `per_shape`; a value given must be >= 1.
 """
