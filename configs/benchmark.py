@@ -75,7 +75,7 @@ def _shapes() -> ml_collections.ConfigDict:
     c.loop.shapes_sg = _d(name="shapes-sg", diffuser="pretrained/shapes_sg/diffuser",
                           actor="pretrained/shapes_sg/actor", max_rounds=2)
     c.loop.tiny = _d(name="tiny", diffuser="pretrained/shapes_sg/diffuser",
-                     actor="pretrained/shapes_sg/actor", max_rounds=1)   # the same models, one round
+                     actor="pretrained/shapes_sg/actor", max_rounds=0)   # Generate + Reflect only
     return c
 
 
