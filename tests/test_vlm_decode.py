@@ -204,20 +204,6 @@ def test_sharded_decoding_equals_single_device(tiny, devices):
     np.testing.assert_array_equal(np.asarray(sharded["valid"]), np.asarray(single["valid"]))
 
 
-def test_benchmark_decode_tiny():
-    from rig_jax.config import load_config_file
-    from rig_jax.parallel import mesh_context
-    from rig_jax.tools.benchmark import benchmark_decode  # the entry point rig-benchmark uses
-    config = load_config_file("configs/benchmark.py:decode")
-    config.dtype, config.repeats = "fp32", 1
-    with mesh_context(config) as (mesh, rules):
-        result = benchmark_decode(config, mesh, rules, batch=8, prompt_len=8, new_tokens=4)
-    assert result["tokens_per_s"] > 0 and result["mesh_shape"] == [1, 8, 1]
-    assert not {"shape", "bench", "device", "backend", "num_devices"} & set(result)  # the caller adds them
-    per_layer = 2 * 64 * 64 + 2 * 64 * 32 + 64 + 2 * 32 + 3 * 64 * 128 + 2 * 64
-    assert result["params"] == 2 * 512 * 64 + 2 * per_layer + 64
-
-
 def test_bfloat16_decoding_and_score_gradients(tiny, prompts):
     """The default bf16 compute path: decode log-probs agree with bf16 scoring and stay near
     float32 ones; `score` is differentiable down to the vision tower (GRPO needs the grads)."""
