@@ -255,3 +255,27 @@ def test_config_from_hf_forms_and_errors(tiny):
     with pytest.raises(ConfigError, match="mrope_section"):
         bad = {**nested["text_config"], "rope_parameters": {"rope_theta": 1e4, "mrope_section": [2, 2, 2]}}
         qwen_vl_config_from_hf({**nested, "text_config": bad})
+
+
+def test_cpu_hand_written_vjps_match_autodiff():
+    """The CPU training paths' custom VJPs (SwiGLU product, RMSNorm, narrowing matmul) give
+    autodiff's values and gradients of the plain formulas."""
+    from rig_jax.models import layers
+    r = np.random.default_rng(0)
+    x = jnp.asarray(r.standard_normal((6, 40)), jnp.float32)
+    up = jnp.asarray(r.standard_normal((6, 40)), jnp.float32)
+    scale = jnp.asarray(1 + 0.1 * r.standard_normal(40), jnp.float32)
+    kernel = jnp.asarray(r.standard_normal((40, 24)), jnp.float32)
+    g = jnp.asarray(r.standard_normal((6, 40)), jnp.float32)
+    rms = lambda a, s: a * jax.lax.rsqrt(jnp.mean(a * a, -1, keepdims=True) + 1e-5) * s
+    cases = [
+        (layers._silu_gate_cpu, lambda a, b: jax.nn.silu(a) * b, (x, up), g),
+        (lambda a, s: layers._rms_norm_cpu(a, s, jnp.float32(1e-5)), rms, (x, scale), g),
+        (layers._narrowing_matmul, lambda a, k: a @ k, (x, kernel), g[:, :24]),
+    ]
+    for fast, plain, args, cot in cases:
+        out, vjp = jax.vjp(fast, *args)
+        ref, ref_vjp = jax.vjp(plain, *args)
+        np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+        for got, want in zip(vjp(cot)[:2], ref_vjp(cot), strict=True):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

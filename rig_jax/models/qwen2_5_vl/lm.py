@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention, heads_major_attention
-from rig_jax.models.layers import RMSNorm, activation, apply_rotary, dense
+from rig_jax.models.layers import RMSNorm, activation, apply_rotary, dense, silu_gate
 
 Cache = dict[str, jax.Array]
 
@@ -150,8 +150,8 @@ class TextMLP(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         gate = dense(cfg.intermediate_size, ("embed", "mlp"), "gate_proj", use_bias=False, **kw)(x)
         up = dense(cfg.intermediate_size, ("embed", "mlp"), "up_proj", use_bias=False, **kw)(x)
-        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", use_bias=False, **kw)(
-            activation(cfg.hidden_act)(gate) * up)
+        hidden = silu_gate(gate, up) if cfg.hidden_act == "silu" else activation(cfg.hidden_act)(gate) * up
+        return dense(cfg.hidden_size, ("mlp", "embed"), "down_proj", use_bias=False, **kw)(hidden)
 
 
 class DecoderLayer(nn.Module):
