@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from rig_jax.errors import ConfigError, WeightsError
+from rig_jax.errors import ConfigError, RigError, WeightsError
 from rig_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 from rig_jax.parallel.rules import DEFAULT_RULES, param_shardings
 from rig_jax.weights.unet import (
@@ -377,3 +377,23 @@ def test_cpu_attention_blocks_match_torch_sdpa_with_and_without_vjp():
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
         for g, t in zip(grads, (tq, tk, tv), strict=True):
             np.testing.assert_allclose(np.asarray(g), t.grad.numpy().transpose(0, 2, 1, 3), atol=2e-5)
+
+
+def test_shared_sample_equals_the_repeated_sample(cases, loaded):
+    """Two contexts per sample (the CFG pair, example-major): one call on the sample once
+    (conv_in, the time embedding, the first down block's ResNet and self-attention at batch 2)
+    equals the call on the sample repeated (batch 4), to 1e-6 of the output's scale; a context
+    batch that is not a multiple of the sample's is one RigError."""
+    _, _, (x, t, ctx), _ = cases["sd1"]
+    _, module, params = loaded["sd1"]
+    x, t = jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(t, jnp.int32)
+    pair = jnp.asarray(np.stack([ctx, ctx[::-1] * 0.5], axis=1).reshape(4, *ctx.shape[1:]))
+    run = jax.jit(module.apply)
+    shared = run({"params": params}, x, t, pair)
+    repeated = run({"params": params}, jnp.repeat(x, 2, 0), jnp.repeat(t, 2), pair)
+    assert shared.shape == repeated.shape == (4, *x.shape[1:])
+    error = float(jnp.abs(shared - repeated).max() / jnp.abs(repeated).max())
+    assert error <= 1e-6, error
+    assert float(jnp.abs(shared[0::2] - shared[1::2]).max()) > 1e-3   # the two contexts differ
+    with pytest.raises(RigError, match="multiple of the sample's batch 2"):
+        module.apply({"params": params}, x, t, pair[:3])

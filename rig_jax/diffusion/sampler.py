@@ -3,8 +3,10 @@
 `denoise_fn(params, x, t, context) -> model_output` is any conditional denoiser (a U-Net
 apply); `t` reaches it as an int32 (batch,) array. Classifier-free guidance runs the
 unconditional and conditional halves in ONE call on the concatenated batch
-`(uncond, cond)`, as diffusers' pipelines do. Scheduler math and log-probs are float32
-whatever dtype the model computes in. `num_steps` (and `start_step`) must be static.
+`(uncond, cond)`, as diffusers' pipelines do; a denoiser marked by `sharing_sample` (the
+U-Net's, `rig.diffuser.unet_denoiser`) instead takes the latents once with both contexts
+and runs the layers before its first cross-attention at the unguided batch. Scheduler math
+and log-probs are float32 whatever dtype the model computes in. `num_steps` (and `start_step`) must be static.
 """
 from __future__ import annotations
 
@@ -19,6 +21,24 @@ from rig_jax.diffusion.schedulers import DDIMSchedule, ddim_step, ddim_step_with
 from rig_jax.errors import ConfigError, RigError
 
 DenoiseFn = Callable[[Any, jax.Array, jax.Array, jax.Array], jax.Array]
+SHARES_SAMPLE = "shares_sample"   # the attribute `sharing_sample` sets on a denoiser
+
+
+def sharing_sample(denoise_fn: DenoiseFn) -> DenoiseFn:
+    """`denoise_fn` marked as taking a shared sample: `x` and `t` at batch B with `context` at
+    2 B, example-major (row 2 i is example i's unconditional context, row 2 i + 1 its
+    conditional one), returning the 2 B outputs in that order, as the U-Net does
+    (rig_jax/models/unet.py). Guided sampling then hands it the latents once instead of
+    concatenating two copies, so the layers before the first cross-attention run once."""
+    def denoise(params: Any, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
+        return denoise_fn(params, x, t, context)
+    setattr(denoise, SHARES_SAMPLE, True)
+    return denoise
+
+
+def shares_sample(denoise_fn: DenoiseFn) -> bool:
+    """Whether `denoise_fn` was marked by `sharing_sample`."""
+    return getattr(denoise_fn, SHARES_SAMPLE, False) is True
 
 
 class Trajectory(NamedTuple):
@@ -83,13 +103,22 @@ def guided_model_output(denoise_fn: DenoiseFn, params: Any, x: jax.Array, t: jax
     """The guided model output at (x, t) in float32.
 
     Without `uncond`, or at a static guidance of exactly 1 (where CFG equals the conditional
-    output), only the conditional half runs; otherwise one call on the (uncond, cond) batch.
+    output), only the conditional half runs; otherwise one call on the (uncond, cond) batch,
+    with `x` once and the contexts interleaved for a `sharing_sample` denoiser.
     """
     batch = x.shape[0]
     cond = match_batch(cond, batch, "cond")
     if uncond is None or _is_static(guidance_scale, 1.0):
         return call_denoiser(denoise_fn, params, x, t, cond)
     uncond = match_batch(uncond, batch, "uncond")
+    if shares_sample(denoise_fn):
+        context = jnp.stack([uncond, cond], axis=1).reshape(2 * batch, *cond.shape[1:])
+        out = denoise_fn(params, x, jnp.broadcast_to(jnp.asarray(t, jnp.int32), (batch,)), context)
+        if out.shape != (2 * batch, *x.shape[1:]):
+            raise RigError(f"denoise_fn returned shape {tuple(out.shape)} for a shared input "
+                           f"{tuple(x.shape)} with {2 * batch} contexts")
+        pairs = jnp.asarray(out, jnp.float32).reshape(batch, 2, *x.shape[1:])
+        return combine_guidance(pairs[:, 0], pairs[:, 1], guidance_scale, guidance_rescale)
     both = call_denoiser(denoise_fn, params, jnp.concatenate([x, x]), t, jnp.concatenate([uncond, cond]))
     uncond_output, cond_output = both[:batch], both[batch:]
     return combine_guidance(uncond_output, cond_output, guidance_scale, guidance_rescale)

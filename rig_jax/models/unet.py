@@ -11,6 +11,15 @@ Usage (what the samplers call):
 - returns `(batch, height, width, out_channels)` in `dtype`: the network output
   (epsilon or v, whichever the checkpoint was trained for: that is the scheduler's business).
 
+Shared sample (classifier-free guidance): `encoder_hidden_states` may hold k contexts per
+sample, `(k * batch, length, dim)` example-major (row `i * k + j` is context j of sample i),
+with `sample` and `timesteps` at `batch`. Everything before the first cross-attention
+(conv_in, the time embedding, the first ResNet block(s), the first transformer block's
+self-attention and its query projection) sees the same input for the k contexts, so it runs
+once at `batch`; the activations are repeated to `k * batch` there (`widen_batch`) and the
+output is `(k * batch, ...)`, equal to the call on the sample repeated k times. Example-major
+order keeps the repeat local to each device when the batch is sharded.
+
 The module mirrors diffusers block for block, so a checkpoint maps onto it by an explicit
 key table (rig_jax/weights/unet.py, which also reads diffusers' config.json); param names
 follow the diffusers names
@@ -31,7 +40,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen.dtypes import promote_dtype
 
-from rig_jax.errors import ConfigError
+from rig_jax.errors import ConfigError, RigError
 from rig_jax.models.attention import dot_product_attention
 from rig_jax.models.layers import (
     IMAGE_NAMES,
@@ -200,6 +209,15 @@ class UNetConfig:
 # ---- U-Net-only layers (those shared with the VAE are in rig_jax/models/layers.py) -----
 
 
+def widen_batch(a: jax.Array, batch: int) -> jax.Array:
+    """`a` at batch B -> `batch` = k * B, each row repeated k times in place (row i -> rows
+    i*k .. i*k + k-1): the shared-sample repeat, which a batch-sharded array does on each device
+    without moving rows between devices. An array already at `batch` is returned as is."""
+    if a.shape[0] == batch:
+        return a
+    return jnp.repeat(a, batch // a.shape[0], axis=0, total_repeat_length=batch)
+
+
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
                        max_period: float = 10000.0) -> jax.Array:
     """diffusers' sinusoidal `get_timestep_embedding`, in float32: `(batch,)` -> `(batch, dim)`."""
@@ -214,7 +232,10 @@ def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, fr
 
 
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' names (`to_q`, `to_k`, `to_v`, `to_out_0`)."""
+    """Multi-head attention with diffusers' names (`to_q`, `to_k`, `to_v`, `to_out_0`).
+
+    A `context` at k times the batch of `x` (a shared sample, see the module docstring)
+    projects the queries once and repeats them: the output is at the context's batch."""
     num_heads: int
     head_dim: int
     upcast: bool = False
@@ -226,9 +247,9 @@ class Attention(nn.Module):
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
         context = x if context is None else context
         inner = self.num_heads * self.head_dim
-        b, lq, dim = x.shape
-        lk = context.shape[1]
-        q = dense(inner, ("embed", "heads"), "to_q", use_bias=False, **kw)(x)
+        _, lq, dim = x.shape
+        b, lk = context.shape[:2]
+        q = widen_batch(dense(inner, ("embed", "heads"), "to_q", use_bias=False, **kw)(x), b)
         k = dense(inner, ("embed", "heads"), "to_k", use_bias=False, **kw)(context)
         v = dense(inner, ("embed", "heads"), "to_v", use_bias=False, **kw)(context)
         out = dot_product_attention(q.reshape(b, lq, self.num_heads, self.head_dim),
@@ -324,7 +345,8 @@ class BasicTransformerBlock(nn.Module):
         attn = {"num_heads": self.num_heads, "head_dim": self.head_dim, "upcast": self.upcast, **kw}
         norm = lambda name: layer_norm(TRANSFORMER_LAYERNORM_EPS, name, **kw)
         x = x + Attention(name="attn1", **attn)(norm("norm1")(x))
-        x = x + Attention(name="attn2", **attn)(norm("norm2")(x), context)
+        cross = Attention(name="attn2", **attn)(norm("norm2")(x), context)   # at the context's batch
+        x = widen_batch(x, cross.shape[0]) + cross
         x = x + FeedForward(name="ff", **kw)(norm("norm3")(x))
         return nn.with_logical_constraint(x, TOKEN_NAMES)
 
@@ -351,7 +373,9 @@ class Transformer2DModel(nn.Module):
             tokens = BasicTransformerBlock(self.num_heads, self.head_dim, self.upcast,
                                            name=f"transformer_blocks_{i}", **kw)(tokens, context)
         tokens = dense(c, ("conv_in", "conv_out"), "proj_out", **kw)(tokens)
-        return nn.with_logical_constraint(tokens.reshape(b, h, w, c) + x.astype(self.dtype), IMAGE_NAMES)
+        b = tokens.shape[0]   # the context's batch once a block has attended to it
+        return nn.with_logical_constraint(tokens.reshape(b, h, w, c) + widen_batch(x, b).astype(self.dtype),
+                                          IMAGE_NAMES)
 
 
 # Gradient checkpointing: the same modules (same param names), rematerialised in backward.
@@ -391,7 +415,7 @@ class DownBlock(_Block):
                  ) -> tuple[jax.Array, list[jax.Array]]:
         skips = []
         for j in range(len(self.spec.resnet_in_channels)):
-            x = self._resnet(j)(x, temb)
+            x = self._resnet(j)(x, widen_batch(temb, x.shape[0]))
             if self.spec.cross_attention:
                 x = self._attention(j)(x, context)
             skips.append(x)
@@ -405,10 +429,10 @@ class DownBlock(_Block):
 class MidBlock(_Block):
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
-        x = self._resnet(0)(x, temb)
+        x = self._resnet(0)(x, widen_batch(temb, x.shape[0]))
         for j in range(self.spec.num_attentions):
             x = self._attention(j)(x, context)
-            x = self._resnet(j + 1)(x, temb)
+            x = self._resnet(j + 1)(x, widen_batch(temb, x.shape[0]))
         return x
 
 
@@ -417,8 +441,8 @@ class UpBlock(_Block):
     def __call__(self, x: jax.Array, skips: Sequence[jax.Array], temb: jax.Array, context: jax.Array,
                  upsample_to: tuple[int, int] | None) -> jax.Array:
         for j, skip in enumerate(skips):
-            x = jnp.concatenate([x, skip.astype(x.dtype)], axis=-1)
-            x = self._resnet(j)(x, temb)
+            x = jnp.concatenate([x, widen_batch(skip, x.shape[0]).astype(x.dtype)], axis=-1)
+            x = self._resnet(j)(x, widen_batch(temb, x.shape[0]))
             if self.spec.cross_attention:
                 x = self._attention(j)(x, context)
         if self.spec.resample:
@@ -429,7 +453,8 @@ class UpBlock(_Block):
 
 class UNet2DConditionModel(nn.Module):
     """`apply({"params": p}, sample (B,H,W,C), timesteps (B,) or (), context (B,L,D))`
-    -> `(B,H,W,C_out)`; see the module docstring."""
+    -> `(B,H,W,C_out)`; a context of (k B, L, D) shares the sample among k contexts and
+    returns (k B, H, W, C_out); see the module docstring."""
     config: UNetConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -439,7 +464,10 @@ class UNet2DConditionModel(nn.Module):
                  encoder_hidden_states: jax.Array) -> jax.Array:
         cfg = self.config
         kw = {"dtype": self.dtype, "param_dtype": self.param_dtype}
-        batch = sample.shape[0]
+        batch, context_batch = sample.shape[0], encoder_hidden_states.shape[0]
+        if context_batch < batch or context_batch % batch:
+            raise RigError(f"UNet2DConditionModel: encoder_hidden_states has batch {context_batch}, "
+                           f"expected a multiple of the sample's batch {batch}")
         x = nn.with_logical_constraint(sample.astype(self.dtype), IMAGE_NAMES)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
@@ -463,7 +491,7 @@ class UNet2DConditionModel(nn.Module):
             x = UpBlock(cfg, spec, name=f"up_blocks_{i}", **kw)(x, block_skips, emb, context, upsample_to)
         x = GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", silu=True, **kw)(x)
         x = conv2d(cfg.out_channels, 3, "conv_out", **kw)(x)
-        return nn.with_logical_constraint(x, IMAGE_NAMES)
+        return nn.with_logical_constraint(widen_batch(x, context_batch), IMAGE_NAMES)  # (no cross-attention)
 
 
 class _TimestepEmbedding(nn.Module):

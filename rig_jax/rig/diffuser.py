@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rig_jax.diffusion.sampler import sample
+from rig_jax.diffusion.sampler import DenoiseFn, sample, sharing_sample
 from rig_jax.diffusion.settings import SamplerSettings
 from rig_jax.errors import ConfigError, RigError
 from rig_jax.models.clip_text import CLIPTextModel
@@ -117,11 +117,13 @@ def encode_images(pipe: SDPipeline, params: Any, images: jax.Array, rng: jax.Arr
 
 # ----------------------------------------------------------------------------- generation
 
-def unet_denoiser(pipe: SDPipeline):
-    """`denoise_fn(unet_params, x, t, context)` for the samplers."""
+def unet_denoiser(pipe: SDPipeline) -> DenoiseFn:
+    """`denoise_fn(unet_params, x, t, context)` for the samplers, marked `sharing_sample`: under
+    guidance they pass the latents once with both contexts and the U-Net runs the layers before
+    its first cross-attention at the unguided batch (rig_jax/models/unet.py)."""
     def denoise(unet_params: Any, x: jax.Array, t: jax.Array, context: jax.Array) -> jax.Array:
         return pipe.unet.apply({"params": unet_params}, x, t, context)
-    return denoise
+    return sharing_sample(denoise)
 
 
 # What `generate(check_finite=True)` checks, in pipeline order: the first non-finite stage is the
