@@ -218,3 +218,17 @@ def test_bfloat16_decoding_and_score_gradients(tiny, prompts):
     grads = jax.grad(lambda p: score(tiny["module"], p, prompts, tokens).sum())(tiny["params"])
     assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
     assert float(jnp.abs(grads["visual"]["patch_embed"]["kernel"]).max()) > 0
+
+
+def test_taken_log_probs_value_and_gradient_match_log_softmax():
+    """`taken_log_probs`' hand-written VJP against autodiff of log_softmax + take_along_axis."""
+    from rig_jax.vlm.decode import taken_log_probs
+    r = np.random.default_rng(1)
+    z = jnp.asarray(3 * r.standard_normal((3, 5, 50)), jnp.float32)
+    tokens = jnp.asarray(r.integers(0, 50, (3, 5)), jnp.int32)
+    weights = jnp.asarray(r.standard_normal((3, 5)), jnp.float32)
+    plain = lambda a: jnp.take_along_axis(jax.nn.log_softmax(a, -1), tokens[..., None], -1)[..., 0]
+    np.testing.assert_allclose(taken_log_probs(z, tokens), plain(z), rtol=1e-6, atol=1e-6)
+    got = jax.grad(lambda a: jnp.sum(weights * taken_log_probs(a, tokens)))(z)
+    want = jax.grad(lambda a: jnp.sum(weights * plain(a)))(z)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

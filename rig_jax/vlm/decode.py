@@ -169,6 +169,37 @@ def generate(model: Qwen25VL, params: Any, batch: Batch, rng: jax.Array, max_new
                      stop_token_ids=tuple(int(t) for t in stop_token_ids), pad_id=int(pad_id))
 
 
+@jax.custom_vjp
+def _taken_log_probs(z: jax.Array, tokens: jax.Array) -> jax.Array:
+    return _taken_log_probs_forward(z, tokens)[0]
+
+
+def _taken_log_probs_forward(z: jax.Array, tokens: jax.Array
+                             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
+    top = jnp.max(z, axis=-1, keepdims=True)
+    lse = top + jnp.log(jnp.sum(jnp.exp(z - top), axis=-1, keepdims=True))
+    taken = jnp.take_along_axis(z, tokens[..., None], axis=-1)
+    return (taken - lse)[..., 0], (z, tokens, lse)
+
+
+def _taken_log_probs_backward(residuals: tuple[jax.Array, jax.Array, jax.Array], g: jax.Array
+                              ) -> tuple[jax.Array, None]:
+    z, tokens, lse = residuals
+    hit = jnp.arange(z.shape[-1], dtype=tokens.dtype) == tokens[..., None]
+    return g[..., None] * (hit.astype(z.dtype) - jnp.exp(z - lse)), None
+
+
+_taken_log_probs.defvjp(_taken_log_probs_forward, _taken_log_probs_backward)
+
+
+def taken_log_probs(z: jax.Array, tokens: jax.Array) -> jax.Array:
+    """log_softmax(z)[..., token] for each token, float32 (..., V) -> (...). The VJP forms
+    dz = g * (onehot - softmax) in one elementwise pass from the saved z and log-sum-exp;
+    autodiff of log_softmax + take_along_axis built a zero array, scattered into it and
+    normalised in separate passes over the (B, C, V) cotangent."""
+    return _taken_log_probs(z, tokens.astype(jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=("model",))
 def _score(model: Qwen25VL, params: Any, batch: dict[str, Any], completions: jax.Array,
            temperature: jax.Array) -> jax.Array:
@@ -182,8 +213,7 @@ def _score(model: Qwen25VL, params: Any, batch: dict[str, Any], completions: jax
                                   jnp.zeros((b, length), bool)], axis=1)
     logits, _ = model.apply({"params": params}, input_ids, positions, mask, batch.get("pixel_values"),
                             batch.get("vision"), logits_slice=(prompt_len - 1, length), image_mask=image_mask)
-    logp = jax.nn.log_softmax(logits / temperature, axis=-1)
-    return jnp.take_along_axis(logp, completions[..., None], axis=-1)[..., 0]
+    return taken_log_probs(logits / temperature, completions)
 
 
 def score(model: Qwen25VL, params: Any, batch: Batch, completions: Any, temperature: float = 1.0,
