@@ -72,11 +72,16 @@ def _training(spec: dict[str, Any], loss: Callable[..., jax.Array], args: tuple[
 
 
 def sampler(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
-    """Guided DDIM (`diffusion.sample`, one scan; CFG halves in one batch) from noise latents."""
+    """Guided DDIM (`diffusion.sample`, one scan; CFG halves in one batch) from noise latents,
+    with the U-Net marked `sharing_sample` as the Diffuser's (`rig.diffuser.unet_denoiser`):
+    the layers before the first cross-attention run once for both halves. The MFU count is
+    the plain CFG pair's."""
     from rig_jax.diffusion import sample
+    from rig_jax.diffusion.sampler import sharing_sample
     _, params, denoise = _unet(spec, train=False)
     dtype, schedule, steps = compute_dtype(spec), _schedule(), spec["steps"]
-    fn = jax.jit(lambda p, x, c, u: sample(denoise, p, x, c, u, schedule, steps, spec["guidance"]))
+    shared = sharing_sample(denoise)
+    fn = jax.jit(lambda p, x, c, u: sample(shared, p, x, c, u, schedule, steps, spec["guidance"]))
     lat, cond = jnp.asarray(data["latents"]), jnp.asarray(data["cond"], dtype)
     uncond = jnp.asarray(data["uncond"], dtype)
 
