@@ -336,7 +336,8 @@ def test_bfloat16_compute(cases):
 
 def test_sharded_forward_equals_single_device(cases, loaded, devices):
     """The SD1-like U-Net with params placed by the logical rules on a (2, 2, 2) mesh and the
-    batch split over (data, fsdp): the same output as on one device."""
+    batch split over (data, fsdp): the same output as on one device, and so is the shared-sample
+    call (each sample with two contexts, the output batch-sharded like the plain one's)."""
     import ml_collections
 
     from rig_jax.parallel import make_mesh, shard_batch
@@ -350,12 +351,16 @@ def test_sharded_forward_equals_single_device(cases, loaded, devices):
     x4, ctx4 = np.concatenate([x, x]).transpose(0, 2, 3, 1), np.concatenate([ctx, ctx])
     t4 = np.concatenate([t, t]).astype(np.int32)
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
-        xb, tb, cb = shard_batch((x4, t4, ctx4), mesh, DEFAULT_RULES)
+        xb, tb, cb, pairs = shard_batch((x4, t4, ctx4, np.repeat(ctx4, 2, 0)), mesh, DEFAULT_RULES)
         out = jax.jit(module.apply)({"params": sharded}, xb, tb, cb)
+        shared = jax.jit(module.apply)({"params": sharded}, xb, tb, pairs)   # the sample shared by 2
     assert len(out.sharding.device_set) == 8
     single = _flax_out(module, params, x, t, ctx)
     np.testing.assert_allclose(np.asarray(out)[:2].transpose(0, 3, 1, 2), single, atol=1e-5, rtol=0)
     np.testing.assert_allclose(np.asarray(out)[2:].transpose(0, 3, 1, 2), single, atol=1e-5, rtol=0)
+    assert shared.sharding.spec[0] == out.sharding.spec[0]
+    np.testing.assert_allclose(np.asarray(shared)[::2], np.asarray(out), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(shared)[1::2], np.asarray(out), atol=1e-5, rtol=0)
 
 
 def test_cpu_attention_blocks_match_torch_sdpa_with_and_without_vjp():

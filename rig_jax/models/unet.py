@@ -215,7 +215,11 @@ def widen_batch(a: jax.Array, batch: int) -> jax.Array:
     without moving rows between devices. An array already at `batch` is returned as is."""
     if a.shape[0] == batch:
         return a
-    return jnp.repeat(a, batch // a.shape[0], axis=0, total_repeat_length=batch)
+    # A broadcast on a new axis after the batch, then a reshape that merges the two: the batch
+    # stays the major axis, so each device's rows stay its own (jnp.repeat is a gather, which
+    # the SPMD partitioner answers with an all-gather of the whole array).
+    k = batch // a.shape[0]
+    return jnp.broadcast_to(a[:, None], (a.shape[0], k, *a.shape[1:])).reshape(batch, *a.shape[1:])
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float,
