@@ -8,7 +8,7 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "rig_jax"
 LOWER = ("models", "diffusion", "data", "parallel")
-HIGHER = ("weights", "vlm", "rig", "eval", "rl", "train", "tools")
+HIGHER = ("weights", "vlm", "rig", "eval", "rl", "train", "bench", "tools")
 
 
 def module_name(path: pathlib.Path) -> str:
