@@ -82,6 +82,22 @@ def exchange_paths(a: str, b: str) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def swap_in_folder(new: str, folder: str) -> None:
+    """Replaces `folder` by the finished folder `new` (a sibling) in whole. Where the system can
+    (Linux renameat2), the two are exchanged in one atomic step and the old one, now at `new`,
+    removed: a kill at any instant leaves the old folder or the new one at `folder`. Elsewhere
+    the old one is moved aside first, leaving a short window with no folder at `folder`."""
+    if os.path.isdir(folder) and exchange_paths(new, folder):
+        shutil.rmtree(new, ignore_errors=True)
+        return
+    old = folder + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.isdir(folder):
+        os.replace(folder, old)
+    os.replace(new, folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_stale_staging(path: str) -> None:
     """Delete staging siblings of `path` that a killed run left behind (they are hidden and
     never loaded, only space)."""
@@ -111,16 +127,7 @@ def replace_folder(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    if not os.path.exists(path):
-        os.rename(staging, path)
-        return
-    if not exchange_paths(staging, path):          # non-Linux: a short window with no folder at path
-        old = tempfile.mkdtemp(prefix=f".{name}{_STAGING}", dir=parent)
-        os.rmdir(old)
-        os.rename(path, old)
-        os.rename(staging, path)
-        staging = old
-    shutil.rmtree(staging, ignore_errors=True)
+    swap_in_folder(staging, path)
 
 
 @contextlib.contextmanager

@@ -185,9 +185,10 @@ def check_config_refused(folder: str, reader: Callable[..., object], edits: dict
     assert "\n" not in str(info.value)
 
 
-def run_together(commands: list[list[str]], env: dict, cwd: str, timeout: float) -> list[str]:
-    """Starts every command at once (the processes of one multi-host job), waits for all, and
-    fails the test naming the first that timed out or failed; returns their logs."""
+def start_together(commands: list[list[str]], env: dict, cwd: str, timeout: float
+                   ) -> tuple[list[int], list[str]]:
+    """Starts every command at once (the processes of one multi-host job) and waits for all;
+    fails the test naming the first that timed out; returns their exit codes and logs."""
     import subprocess
 
     import pytest
@@ -201,7 +202,13 @@ def run_together(commands: list[list[str]], env: dict, cwd: str, timeout: float)
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
-            pytest.fail(f"multi-host process timed out: {' '.join(p.args[:4])} ...")
-    for p, log in zip(procs, logs, strict=True):
-        assert p.returncode == 0, log[-3000:]
+            pytest.fail(f"multi-host process timed out after {timeout} s: {' '.join(p.args[:4])} ...")
+    return [p.returncode for p in procs], logs
+
+
+def run_together(commands: list[list[str]], env: dict, cwd: str, timeout: float) -> list[str]:
+    """`start_together`, failing the test on the first process that failed; returns the logs."""
+    codes, logs = start_together(commands, env, cwd, timeout)
+    for code, log in zip(codes, logs, strict=True):
+        assert code == 0, log[-3000:]
     return logs

@@ -12,6 +12,7 @@ import numpy as np
 import portpicker
 import pytest
 
+from tests.helpers import start_together
 from tests.test_grpo import CONFIG, ROOT, _env, _records, _train_rows
 
 TIMEOUT = 1500          # a cold compile of the 8-device programs on two busy cores takes minutes
@@ -85,26 +86,18 @@ def _two_processes(workdir, *overrides) -> None:
     for attempt in range(2):
         shutil.rmtree(workdir, ignore_errors=True)
         port = portpicker.pick_unused_port()
-        procs = [subprocess.Popen(
+        commands = [
             [sys.executable, "-m", "rig_jax.tools.train", f"--config={CONFIG}:actor_tiny",
              f"--workdir={workdir}", *ACTOR, *overrides, "--config.distributed.enabled=True",
              f"--config.distributed.coordinator_address=localhost:{port}",
-             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"],
-            cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}"]
             for i in range(2)]
-        logs = []
-        for p in procs:
-            try:
-                logs.append(p.communicate(timeout=TIMEOUT)[0])
-            except subprocess.TimeoutExpired:
-                for q in procs:
-                    q.kill()
-                pytest.fail(f"a process of the two-process run timed out after {TIMEOUT} s")
-        if all(p.returncode == 0 for p in procs):
+        codes, logs = start_together(commands, _env(4), ROOT, TIMEOUT)
+        if all(code == 0 for code in codes):
             return
         if attempt or not any(GLOO_DEADLINE in log for log in logs):
             break
-    bad = next(i for i, p in enumerate(procs) if p.returncode != 0)
+    bad = next(i for i, code in enumerate(codes) if code != 0)
     pytest.fail(f"process {bad} of the two-process run failed:\n{logs[bad][-3000:]}")
 
 

@@ -386,7 +386,7 @@ def test_convert_overwrite_killed_midway_keeps_the_old_folder_whole(tiny_sd, tmp
 # export aside was the first): the folder must still hold the old export or the new one.
 KILLED_SWAP = """
 import os, signal, sys
-from rig_jax.weights import io
+from rig_jax import outputs
 renames = []
 def replace(a, b, real=os.replace):
     renames.append(a)
@@ -394,13 +394,13 @@ def replace(a, b, real=os.replace):
         os.kill(os.getpid(), signal.SIGKILL)
     real(a, b)
 os.replace = replace
-io.swap_in_folder(sys.argv[1], sys.argv[2])
+outputs.swap_in_folder(sys.argv[1], sys.argv[2])
 """
 
 
 def test_stage_export_swap_killed_leaves_old_or_new_folder(tmp_path):
-    """weights.io.swap_in_folder (the stage exports' whole-folder replace) killed with -9 between
-    its renames left no folder at the export path (old moved aside, new not yet in)."""
+    """outputs.swap_in_folder (the whole-folder replace of the stage exports and replace_folder)
+    killed with -9 between its renames left no folder at the export path (old moved aside, new not yet in)."""
     import subprocess
     import sys
 

@@ -39,7 +39,7 @@ def export_whole(folder: str, params: Any, write: Any) -> None:
 
     import jax
 
-    from rig_jax.weights.io import swap_in_folder
+    from rig_jax.outputs import swap_in_folder
     from rig_jax.weights.mapping import to_host
 
     params = jax.tree.map(to_host, params)

@@ -157,26 +157,6 @@ def check_tokenizer_fits(tokenizer: Any, vocab_size: int, tokenizer_source: str,
                            f"{vocab_size} of {model_source} (the tokenizer belongs to another model)")
 
 
-def swap_in_folder(new: str, folder: str) -> None:
-    """Replaces `folder` by the finished folder `new` (a sibling) in whole. Where the system can
-    (Linux renameat2), the two are exchanged in one atomic step and the old one, now at `new`,
-    removed: a kill at any instant leaves the old folder or the new one at `folder`. Elsewhere
-    the old one is moved aside first, leaving a short window with no folder at `folder`."""
-    import shutil
-
-    from rig_jax.outputs import exchange_paths
-
-    if os.path.isdir(folder) and exchange_paths(new, folder):
-        shutil.rmtree(new, ignore_errors=True)
-        return
-    old = folder + ".old"
-    shutil.rmtree(old, ignore_errors=True)
-    if os.path.isdir(folder):
-        os.replace(folder, old)
-    os.replace(new, folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_json(obj: Mapping, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
