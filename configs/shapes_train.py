@@ -77,6 +77,7 @@ def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
     c.diffuser.unet.layers_per_block = 1 if tiny else 2
     c.diffuser.unet.norm_num_groups = 8 if tiny else 16
     c.diffuser.unet.attention_heads = 2 if tiny else 4
+    c.diffuser.unet.coordinate_channels = 2   # x, y ramps into conv_in (CoordConv): placement by words
     c.diffuser.text = ml_collections.ConfigDict()
     c.diffuser.text.hidden_size = 32 if tiny else 128
     c.diffuser.text.num_layers = 1 if tiny else 4

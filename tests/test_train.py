@@ -266,3 +266,36 @@ def test_optimizer_state_follows_param_shardings(devices):
     assert adam.count.spec == PartitionSpec() and s.ema_params["w"] == shard["w"]
     counts = optax.tree_utils.tree_get_all_with_path(s.opt_state, "count")
     assert counts and all(c.spec == PartitionSpec() for _, c in counts)
+
+
+def test_warm_start_adds_coordinate_channels_without_changing_the_output():
+    """A U-Net trained without coordinate channels starts one with them: conv_in gains zero
+    input weights, so the first step computes what the source did."""
+    import dataclasses
+
+    import flax.linen as nn
+    import jax
+    import jax.numpy as jnp
+
+    from rig_jax.errors import ConfigError
+    from rig_jax.jobs.shapes_diffuser import with_coordinate_inputs
+    from rig_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
+
+    source = UNetConfig(sample_size=8, block_out_channels=(16, 32), layers_per_block=(1, 1),
+                        norm_num_groups=8,
+                        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=16,
+                        transformer_layers_per_block=(1, 1), attention_heads=(2, 2))
+    target = dataclasses.replace(source, in_channels=6, coordinate_channels=2)
+    boxed = UNet2DConditionModel(source).init(jax.random.PRNGKey(0), *example_inputs(source))
+    params = nn.meta.unbox(boxed)["params"]
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, 8, 4))
+    t, ctx = jnp.array([10, 900]), jax.random.normal(jax.random.PRNGKey(2), (2, 5, 16))
+    widened = with_coordinate_inputs(params, source, target, "src")
+    assert widened["conv_in"]["kernel"].shape == (3, 3, 6, 16)
+    out = UNet2DConditionModel(target).apply({"params": widened}, x, t, ctx)
+    ref = UNet2DConditionModel(source).apply({"params": params}, x, t, ctx)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    assert with_coordinate_inputs(params, source, source, "src") is params
+    with pytest.raises(ConfigError, match=r"diffuser\.init_from: the U-Net of src"):
+        with_coordinate_inputs(params, source, dataclasses.replace(target, norm_num_groups=4), "src")

@@ -402,3 +402,30 @@ def test_shared_sample_equals_the_repeated_sample(cases, loaded):
     assert float(jnp.abs(shared[0::2] - shared[1::2]).max()) > 1e-3   # the two contexts differ
     with pytest.raises(RigError, match="multiple of the sample's batch 2"):
         module.apply({"params": params}, x, t, pair[:3])
+
+
+def test_coordinate_channels_match_diffusers_given_the_ramps(tmp_path):
+    """A U-Net with `coordinate_channels` = 2 is, for diffusers, a 6-in 4-out U-Net whose caller
+    appends the x and y ramps (as inpainting U-Nets take mask channels): ours appends them itself."""
+    from rig_jax.models.unet import coordinate_ramps
+
+    kwargs = {**SD1_LIKE, "in_channels": 6, "out_channels": 4}
+    model = _torch_unet(kwargs, seed=5)
+    model.save_pretrained(str(tmp_path))
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "coordinate_channels": 2}))
+    config, module, params = load_unet(str(tmp_path))
+    assert (config.in_channels, config.coordinate_channels, config.latent_channels) == (6, 2, 4)
+    x, t, ctx = _inputs(kwargs, (8, 8), seed=5)
+    ramps = np.broadcast_to(np.asarray(coordinate_ramps(8, 8)).transpose(0, 3, 1, 2), (2, 2, 8, 8))
+    ref = _torch_out(model, np.concatenate([x, ramps], axis=1), t, ctx)
+    out = _flax_out(module, params, x, t, ctx)
+    assert np.abs(out - ref).max() <= 1e-4 * np.abs(ref).max()
+    # x grows to the right, y downwards, both centred on the pixels
+    np.testing.assert_allclose(np.asarray(coordinate_ramps(2, 4))[0, 0, :, 0], [-0.75, -0.25, 0.25, 0.75])
+    np.testing.assert_allclose(np.asarray(coordinate_ramps(2, 4))[0, :, 0, 1], [-0.5, 0.5])
+    assert read_unet_config(str(tmp_path))[1] == config
+    with pytest.raises(RigError, match="sample has 6 channels, expected 4"):
+        module.apply({"params": params}, np.zeros((1, 8, 8, 6), np.float32), t[:1], ctx[:1])
+    with pytest.raises(ConfigError, match="coordinate_channels=3 must be 0 or 2"):
+        unet_config_from_diffusers({**json.loads(path.read_text()), "coordinate_channels": 3})

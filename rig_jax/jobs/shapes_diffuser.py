@@ -58,7 +58,9 @@ def unet_config_dict(c: Any, latent_size: int, latent_channels: int, context_dim
     up = ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(c.cross_attention)]
     if len(c.cross_attention) != n:
         raise ConfigError("diffuser.unet.cross_attention: one entry per block_out_channels entry")
-    return {"_class_name": "UNet2DConditionModel", "sample_size": latent_size, "in_channels": latent_channels,
+    coordinates = int(c.coordinate_channels)
+    return {"_class_name": "UNet2DConditionModel", "sample_size": latent_size,
+            "in_channels": latent_channels + coordinates, "coordinate_channels": coordinates,
             "out_channels": latent_channels, "down_block_types": down, "up_block_types": up,
             "mid_block_type": "UNetMidBlock2DCrossAttn", "block_out_channels": list(c.block_out_channels),
             "layers_per_block": c.layers_per_block, "norm_num_groups": c.norm_num_groups,
@@ -428,6 +430,24 @@ def diffuser_configs(config: Any, vae_config: Mapping[str, Any], tokenizer: Any)
             "text_encoder": text, "scheduler": scheduler_config_dict(config.diffuser.scheduler)}
 
 
+def with_coordinate_inputs(unet: Any, source: Any, target: Any, folder: str) -> Any:
+    """The U-Net params of `source` for `target`'s architecture: the same, or, when `target`
+    adds coordinate channels to a U-Net without them, conv_in widened by zero input weights
+    (so the warm-started model computes exactly what `source` did and learns to use them)."""
+    if source.coordinate_channels == target.coordinate_channels:
+        return unet
+    if (source.coordinate_channels or dataclasses.replace(source, in_channels=target.in_channels,
+                                                          coordinate_channels=target.coordinate_channels)
+            != target):
+        raise ConfigError(f"diffuser.init_from: the U-Net of {folder} (coordinate_channels "
+                          f"{source.coordinate_channels}) cannot start diffuser.unet.coordinate_channels="
+                          f"{target.coordinate_channels}: only adding coordinate channels to the same "
+                          "architecture is supported")
+    kernel = unet["conv_in"]["kernel"]
+    pad = [(0, 0)] * (kernel.ndim - 2) + [(0, target.in_channels - source.in_channels), (0, 0)]
+    return {**unet, "conv_in": {**unet["conv_in"], "kernel": jnp.pad(kernel, pad)}}
+
+
 def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> TrainJob:
     """`pretrain_diffuser`: U-Net + text encoder on the frozen VAE of `diffuser.vae_path`;
     exports the whole pipeline to `<workdir>/pipeline` with `shapes_config.json`."""
@@ -508,8 +528,10 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
     def warm_start() -> dict[str, Any]:
         from rig_jax.weights.diffusers_pipeline import load_pipeline
 
-        _, loaded = load_pipeline(config.diffuser.init_from)
-        return {**training_aids(), "unet": loaded["unet"], "text_encoder": loaded["text_encoder"]}
+        source, loaded = load_pipeline(config.diffuser.init_from)
+        unet = with_coordinate_inputs(loaded["unet"], source.unet_config, pipe.unet_config,
+                                      config.diffuser.init_from)
+        return {**training_aids(), "unet": unet, "text_encoder": loaded["text_encoder"]}
 
     return TrainJob(
         name="pretrain_diffuser", init_params=init, loss_fn=diffusion_loss(pipe, objective),

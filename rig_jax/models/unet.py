@@ -109,7 +109,13 @@ class UNetConfig:
     which diffusers requires, `attention_head_dim` is the head count and the head width is
     `channels // heads`); `rig_jax.weights.unet.unet_config_from_diffusers` translates.
     `gradient_checkpointing` is ours: it rematerialises each resnet and transformer block in
-    the backward pass.
+    the backward pass. `coordinate_channels` (0 or 2) is ours too (CoordConv): the last two of
+    conv_in's `in_channels` inputs are fixed x and y ramps the module appends itself, so the
+    network knows where in the latent it is and can place objects by the words (zero padding
+    alone tells a convolution little about absolute position). Callers pass
+    `latent_channels = in_channels - coordinate_channels` channels; diffusers loads the folder
+    as an `in_channels`-wide U-Net whose caller appends `coordinate_ramps` (as its inpainting
+    U-Nets take mask channels).
     """
     sample_size: int | tuple[int, int] | None = 64
     in_channels: int = 4
@@ -131,8 +137,12 @@ class UNetConfig:
     use_linear_projection: bool = False
     upcast_attention: bool = False
     gradient_checkpointing: bool = False
+    coordinate_channels: int = 0
 
     def __post_init__(self) -> None:
+        if self.coordinate_channels not in (0, 2) or self.latent_channels < 1:
+            raise ConfigError(f"UNetConfig: field coordinate_channels={self.coordinate_channels} must be "
+                              f"0 or 2 and leave a latent channel of in_channels={self.in_channels}")
         n = len(self.block_out_channels)
         for field in ("down_block_types", "up_block_types", "layers_per_block",
                       "transformer_layers_per_block", "attention_heads"):
@@ -151,6 +161,11 @@ class UNetConfig:
             if c // heads < 1:
                 raise ConfigError(f"UNetConfig: field attention_head_dim gives {heads} heads for "
                                   f"{c} channels")
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latents a caller passes (conv_in's width less the coordinate ramps)."""
+        return self.in_channels - self.coordinate_channels
 
     # ---- the resolved block structure (shared by the module and the key table) ------
 
@@ -472,9 +487,16 @@ class UNet2DConditionModel(nn.Module):
         if context_batch < batch or context_batch % batch:
             raise RigError(f"UNet2DConditionModel: encoder_hidden_states has batch {context_batch}, "
                            f"expected a multiple of the sample's batch {batch}")
+        if sample.shape[-1] != cfg.latent_channels:
+            raise RigError(f"UNet2DConditionModel: sample has {sample.shape[-1]} channels, expected "
+                           f"{cfg.latent_channels} (in_channels {cfg.in_channels} less "
+                           f"{cfg.coordinate_channels} coordinate channels)")
         x = nn.with_logical_constraint(sample.astype(self.dtype), IMAGE_NAMES)
         if cfg.center_input_sample:
             x = 2 * x - 1.0
+        if cfg.coordinate_channels:
+            ramps = coordinate_ramps(x.shape[1], x.shape[2]).astype(self.dtype)
+            x = jnp.concatenate([x, jnp.broadcast_to(ramps, (*x.shape[:3], 2))], axis=-1)
         context = encoder_hidden_states.astype(self.dtype)
 
         c0 = cfg.block_out_channels[0]
@@ -511,11 +533,18 @@ class _TimestepEmbedding(nn.Module):
         return dense(self.features, ("mlp", "embed"), "linear_2", **kw)(h)
 
 
+def coordinate_ramps(height: int, width: int) -> jax.Array:
+    """(1, height, width, 2): x then y of each latent pixel's centre, from -1 to 1 (left/top)."""
+    x = (2.0 * jnp.arange(width) + 1.0) / width - 1.0
+    y = (2.0 * jnp.arange(height) + 1.0) / height - 1.0
+    return jnp.stack(jnp.broadcast_arrays(x[None, :], y[:, None]), axis=-1)[None].astype(jnp.float32)
+
+
 def example_inputs(config: UNetConfig, batch: int = 1, size: int | None = None, length: int = 1
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Zero inputs of the right shapes, e.g. for `jax.eval_shape(model.init, rng, *inputs)`."""
     if size is None:
         size = 2 * config.downsample_factor
-    return (jnp.zeros((batch, size, size, config.in_channels), jnp.float32),
+    return (jnp.zeros((batch, size, size, config.latent_channels), jnp.float32),
             jnp.zeros((batch,), jnp.float32),
             jnp.zeros((batch, length, config.cross_attention_dim), jnp.float32))

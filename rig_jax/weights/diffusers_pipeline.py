@@ -100,7 +100,7 @@ class SDPipeline:
 
     @property
     def latent_channels(self) -> int:
-        return self.unet_config.in_channels
+        return self.unet_config.latent_channels
 
     @property
     def default_size(self) -> tuple[int, int]:
@@ -231,9 +231,10 @@ def _check_consistency(unet_config: UNetConfig, vae_config: VAEConfig, text_conf
     if text_config.hidden_size != unet_config.cross_attention_dim:
         raise ConfigError(f"{source}: text_encoder hidden_size {text_config.hidden_size} differs from unet "
                           f"cross_attention_dim {unet_config.cross_attention_dim}")
-    if vae_config.latent_channels != unet_config.in_channels:
+    if vae_config.latent_channels != unet_config.latent_channels:
         raise ConfigError(f"{source}: vae latent_channels {vae_config.latent_channels} differs from unet "
-                          f"in_channels {unet_config.in_channels}")
+                          f"in_channels {unet_config.in_channels} less its coordinate_channels "
+                          f"{unet_config.coordinate_channels}")
     max_length = getattr(tokenizer, "model_max_length", None)
     if not isinstance(max_length, int) or not 1 <= max_length <= text_config.max_position_embeddings:
         raise ConfigError(f"{source}: tokenizer model_max_length {max_length!r} must be an integer in "

@@ -99,6 +99,9 @@ DIFFUSERS_DEFAULTS: dict[str, Any] = {
     "addition_embed_type_num_heads": 64,
 }
 
+# rig_jax's own fields (diffusers stores them in config.json and ignores them, with a warning).
+RIG_FIELDS: dict[str, Any] = {"coordinate_channels": 0}
+
 # Fields whose only supported value is diffusers' default (SDXL / Kandinsky / LCM /
 # upscaler features, training-time dropout). A different value is a ConfigError.
 _FIXED_FIELDS = (
@@ -167,11 +170,12 @@ def unet_config_from_diffusers(d: Mapping[str, Any], source: str = "config") -> 
     `_INERT_FIELDS` are accepted with any value (diffusers reads them only for block
     types this U-Net does not have).
     """
-    fields = FieldReader(d, source, DIFFUSERS_DEFAULTS)
+    known = {**DIFFUSERS_DEFAULTS, **RIG_FIELDS}
+    fields = FieldReader(d, source, known)
     class_name = fields.raw("_class_name", "UNet2DConditionModel")
     if class_name != "UNet2DConditionModel":
         raise fields.fail(f"field _class_name is {class_name!r}; only UNet2DConditionModel is supported")
-    fields.refuse_unknown(DIFFUSERS_DEFAULTS, "UNet2DConditionModel", ignored=lambda k: k.startswith("_"))
+    fields.refuse_unknown(known, "UNet2DConditionModel", ignored=lambda k: k.startswith("_"))
     for field in _FIXED_FIELDS:
         fields.fixed(field, _FIXED_REASONS.get(field, "not supported by this implementation"))
 
@@ -218,6 +222,7 @@ def unet_config_from_diffusers(d: Mapping[str, Any], source: str = "config") -> 
             attention_heads=_per_block(fields, "attention_head_dim", n),
             use_linear_projection=fields.boolean("use_linear_projection"),
             upcast_attention=fields.boolean("upcast_attention"),
+            coordinate_channels=fields.integer("coordinate_channels", minimum=0),
         )
     except ConfigError as e:
         message = str(e)
@@ -252,6 +257,7 @@ def unet_config_to_diffusers(config: UNetConfig) -> dict[str, Any]:
         "attention_head_dim": list(config.attention_heads),
         "use_linear_projection": config.use_linear_projection,
         "upcast_attention": config.upcast_attention,
+        **({"coordinate_channels": config.coordinate_channels} if config.coordinate_channels else {}),
     }
 
 
