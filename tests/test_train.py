@@ -274,10 +274,7 @@ def test_warm_start_adds_coordinate_channels_without_changing_the_output():
     import dataclasses
 
     import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
 
-    from rig_jax.errors import ConfigError
     from rig_jax.jobs.shapes_diffuser import with_coordinate_inputs
     from rig_jax.models.unet import UNet2DConditionModel, UNetConfig, example_inputs
 
@@ -299,3 +296,27 @@ def test_warm_start_adds_coordinate_channels_without_changing_the_output():
     assert with_coordinate_inputs(params, source, source, "src") is params
     with pytest.raises(ConfigError, match=r"diffuser\.init_from: the U-Net of src"):
         with_coordinate_inputs(params, source, dataclasses.replace(target, norm_num_groups=4), "src")
+
+
+def test_shapes_tokenizer_is_the_same_in_every_process_and_warm_starts_reuse_theirs(tmp_path):
+    """The BPE trainer numbers equal-count tokens in hash-map order (a different vocab.json per
+    process before the ids were fixed); a warm start copies the source's tokenizer, whose ids
+    its text encoder was trained with."""
+    from rig_jax.data import shapes
+    from rig_jax.jobs.shapes_diffuser import tokenizer_folder
+
+    code = ("import sys; from rig_jax.jobs.shapes_text import write_clip_tokenizer; "
+            "write_clip_tokenizer(sys.argv[1], ['red', 'blue', 'circle', 'left', 'of', 'above'], 16)")
+    for name in ("a", "b", "c"):
+        subprocess.run([sys.executable, "-c", code, str(tmp_path / name)], check=True)
+    texts = [(tmp_path / n / "vocab.json").read_text() for n in ("a", "b", "c")]
+    assert texts[0] == texts[1] == texts[2]
+    assert list(json.loads(texts[0]))[:2] == ["<|startoftext|>", "<|endoftext|>"]
+
+    source = tmp_path / "pipeline"
+    (source / "tokenizer").mkdir(parents=True)
+    (source / "tokenizer" / "vocab.json").write_text('{"marker": 0}')
+    folder = tokenizer_folder(str(tmp_path / "run"), shapes.ShapesConfig(), 16, str(source))
+    assert json.loads(open(os.path.join(folder, "vocab.json")).read()) == {"marker": 0}
+    with pytest.raises(ConfigError, match=r"has no tokenizer/vocab\.json"):
+        tokenizer_folder(str(tmp_path / "run2"), shapes.ShapesConfig(), 16, str(tmp_path / "nothing"))

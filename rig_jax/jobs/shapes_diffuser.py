@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -319,11 +320,19 @@ def write_world_file(folder: str, world: shapes.ShapesConfig, sampler: Mapping[s
     write_json(record, os.path.join(folder, WORLD_FILE))
 
 
-def tokenizer_folder(workdir: str, world: shapes.ShapesConfig, max_length: int) -> str:
+def tokenizer_folder(workdir: str, world: shapes.ShapesConfig, max_length: int, init_from: str = "") -> str:
+    """`<workdir>/tokenizer`, written once: a copy of `init_from`'s tokenizer when the run starts
+    from a pipeline (its text encoder's rows follow those ids), else built for the world."""
     folder = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(folder, "vocab.json")) and jax.process_index() == 0:
-        labels = list(world.shapes) + [shapes.COLOUR_ONLY_LABEL]
-        shapes_text.write_clip_tokenizer(folder, edit_forms.vocabulary(world.colours, labels), max_length)
+        source = os.path.join(init_from, "tokenizer") if init_from else ""
+        if source and not os.path.isfile(os.path.join(source, "vocab.json")):
+            raise ConfigError(f"diffuser.init_from: {init_from} has no tokenizer/vocab.json")
+        if source:
+            shutil.copytree(source, folder)
+        else:
+            labels = list(world.shapes) + [shapes.COLOUR_ONLY_LABEL]
+            shapes_text.write_clip_tokenizer(folder, edit_forms.vocabulary(world.colours, labels), max_length)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("shapes tokenizer written")
@@ -466,7 +475,7 @@ def build_diffuser_job(config: Any, workdir: str, mesh: Any, rules: Any) -> Trai
         raise ConfigError(f"diffuser.vae_path: {vae_path} holds no trained VAE "
                           "(run the pretrain_vae job first)")
     vae_config, vae_params = read_trained_vae(vae_path)
-    tok_dir = tokenizer_folder(workdir, world, config.diffuser.max_length)
+    tok_dir = tokenizer_folder(workdir, world, config.diffuser.max_length, config.diffuser.init_from)
     from rig_jax.weights.diffusers_pipeline import load_tokenizer
     configs = diffuser_configs(config, vae_config, load_tokenizer(tok_dir))
     pipe = new_pipeline(configs, tok_dir, os.path.join(workdir, "pipeline"))

@@ -25,9 +25,13 @@ def write_clip_tokenizer(folder: str, words: Sequence[str], max_length: int) -> 
                                   initial_alphabet=alphabet, end_of_word_suffix="</w>", show_progress=False)
     tokenizer.train_from_iterator([" ".join(list(words) + list(PUNCTUATION))] * 4, trainer)
     model = json.loads(tokenizer.to_str())["model"]
+    # The trainer numbers tokens of equal count in hash-map order, which differs between runs
+    # (the merges do not): number them in one fixed order, the specials first.
+    rest = sorted((t for t in model["vocab"] if t not in (BOS, EOS)), key=lambda t: (len(t), t))
+    vocab = {token: i for i, token in enumerate([BOS, EOS, *rest])}
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(model["vocab"], f, ensure_ascii=False)
+        json.dump(vocab, f, ensure_ascii=False)
     with open(os.path.join(folder, "merges.txt"), "w") as f:
         f.write("#version: 0.2\n")
         for merge in model["merges"]:
