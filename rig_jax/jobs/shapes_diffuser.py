@@ -325,10 +325,10 @@ def tokenizer_folder(workdir: str, world: shapes.ShapesConfig, max_length: int, 
     from a pipeline (its text encoder's rows follow those ids), else built for the world."""
     folder = os.path.join(workdir, "tokenizer")
     if not os.path.isfile(os.path.join(folder, "vocab.json")) and jax.process_index() == 0:
-        source = os.path.join(init_from, "tokenizer") if init_from else ""
-        if source and not os.path.isfile(os.path.join(source, "vocab.json")):
-            raise ConfigError(f"diffuser.init_from: {init_from} has no tokenizer/vocab.json")
-        if source:
+        if init_from:
+            source = os.path.join(init_from, "tokenizer")
+            if not os.path.isfile(os.path.join(source, "vocab.json")):
+                raise ConfigError(f"diffuser.init_from: {init_from} has no tokenizer/vocab.json")
             shutil.copytree(source, folder)
         else:
             labels = list(world.shapes) + [shapes.COLOUR_ONLY_LABEL]
