@@ -1,8 +1,8 @@
 """Reflection-GRPO across devices and hosts, through rig-train on the committed ShapesSG models:
-one stage-2 (Editor) step on a (2, 2, 2) mesh of 8 fake CPU devices equals the single-device
-step (stage 1's: tests/test_grpo.py), and stage 1 (the Actor) on two processes joined by
-jax.distributed (4 fake devices each) logs what one process with 8 logs, held-out evaluation
-included, exports once, and its checkpoint restores and runs on in a single process."""
+either stage's steps on a (2, 2, 2) mesh of 8 fake CPU devices equal the single-device steps,
+and stage 1 (the Actor) on two processes joined by jax.distributed (4 fake devices each) logs
+what one process with 8 logs, held-out evaluation included, exports once, and its checkpoint
+restores and runs on in a single process."""
 import os
 import shutil
 import subprocess
@@ -44,7 +44,10 @@ def _close(a: float, b: float) -> bool:
 
 def test_editor_stage_on_a_mesh_equals_one_device(tmp_path):
     one, mesh = tmp_path / "one", tmp_path / "mesh"
-    common = (SEED, "--config.train.total_steps=2", "--config.rl.minibatches=1")
+    # 10 editor steps (8 re-denoised at strength 0.8), not editor_tiny's 8: at seed 8 that is
+    # the schedule whose first rollout holds a group with differing rewards
+    common = (SEED, "--config.train.total_steps=2", "--config.rl.minibatches=1",
+              "--config.editor.sampler.num_steps=10")
     _rig_train("editor_tiny", one, *common, "--config.mesh.shape=(1,1,1)")
     _rig_train("editor_tiny", mesh, *common, "--config.mesh.shape=(2,2,2)", devices=8)
     a, b = _train_rows(one), _train_rows(mesh)
@@ -109,8 +112,13 @@ def _weights(folder) -> dict[str, np.ndarray]:
 
 @pytest.mark.multihost
 def test_actor_stage_on_two_processes_logs_what_one_process_logs(tmp_path):
-    single, multi = tmp_path / "single", tmp_path / "multi"
+    one, single, multi = tmp_path / "one", tmp_path / "single", tmp_path / "multi"
     _rig_train("actor_tiny", single, *ACTOR, devices=8)          # 4 steps, evaluated at 2 and 4
+    # the (2, 2, 2) mesh's first two steps equal one device's
+    _rig_train("actor_tiny", one, *ACTOR, "--config.mesh.shape=(1,1,1)", "--config.train.total_steps=2")
+    for ra, rb in zip(_train_rows(one), _train_rows(single)[:2], strict=True):
+        for key in (*COMPARED, "rollout/score_before"):
+            assert _close(ra[key], rb[key]), (ra["step"], key, ra[key], rb[key])
 
     _two_processes(multi, "--config.train.total_steps=2")
     want = _rows(single)
