@@ -124,7 +124,7 @@ def get_config(variant: str = "actor") -> ml_collections.ConfigDict:
 
     c.eval = ml_collections.ConfigDict()
     c.eval.seed = 90_003
-    c.eval.num_prompts = 4 if tiny else 64
+    c.eval.num_prompts = 4 if tiny else 64      # 0: no held-out evaluation
     c.eval.batch_size = 4 if tiny else 16
 
     if base_variant == "reflection":

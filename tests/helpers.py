@@ -1,5 +1,6 @@
 """What the per-model tests share: the relative error, weight perturbation, the strict-loading
-key cases (missing / surplus / mis-shaped) and the tiny random Qwen2.5-VL."""
+key cases (missing / surplus / mis-shaped), the tiny random Qwen2.5-VL, and the environment of
+the tools the tests start as subprocesses."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,23 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool_env(devices: int = 1) -> dict[str, str]:
+    """The environment of a tool started as a subprocess: `devices` fake CPU devices, the
+    repository importable, and the tests' persistent compilation cache (.cache/jax), so a
+    program one run compiled (a resumed run's, the next test's) is read back, not compiled again."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    if devices > 1:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    env["JAX_PLATFORMS"] = "cpu"
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(ROOT, ".cache", "jax")
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
+    return env
+
 
 # Qwen2.5-VL special-token ids of the tiny VLM (vocabulary 512).
 IMAGE, VIDEO, START, END = 500, 501, 502, 503

@@ -18,6 +18,7 @@ import pytest
 from rig_jax.errors import ConfigError
 from rig_jax.rl.learner import check_total_steps, choose_prompts, score_groups
 from rig_jax.rl.rollout import GroupSettings, gather_steps, minibatches, trained_steps
+from tests.helpers import tool_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_grpo.py")
@@ -25,15 +26,7 @@ LOGGED = ("rollout/reward_mean", "rollout/reward_std", "rollout/zero_std_fractio
           "approx_kl", "ratio_mean", "grad_norm", "time/rollout_s")
 
 
-def _env(devices: int = 1):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(ROOT, ".cache", "jax")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    return env
+_env = tool_env
 
 
 def _rig_train(variant, workdir, *overrides, devices=1):
@@ -55,6 +48,16 @@ def _train_rows(workdir):
 
 
 # ----------------------------------------------------------------------------- pure pieces
+
+def test_zero_eval_prompts_means_no_evaluation_hook_and_negative_is_an_error():
+    from rig_jax.rl.evaluation import loop_evaluator
+
+    config = lambda n: types.SimpleNamespace(eval=types.SimpleNamespace(num_prompts=n))
+    assert loop_evaluator(config(0), "", None, None, lambda s: s, None) is None
+    for bad in (-1, 2.5, True):
+        with pytest.raises(ConfigError, match=r"eval.num_prompts"):
+            loop_evaluator(config(bad), "", None, None, lambda s: s, None)
+
 
 def test_group_settings_refuse_what_cannot_be_cut():
     with pytest.raises(ConfigError, match=r"rl.group_size"):
@@ -168,7 +171,7 @@ def test_loop_rollout_hook_saves_only_between_rollouts(tmp_path, devices):
 def test_actor_stage_logs_and_resumes_exactly_after_sigkill(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     steps = "--config.train.total_steps=8"
-    _rig_train("actor_tiny", whole, steps)
+    _rig_train("actor_tiny", whole, steps, "--config.eval.num_prompts=0")       # resume, not evaluation
     rows = _train_rows(whole)
     assert [r["step"] for r in rows] == list(range(1, 9))
     for key in LOGGED:
@@ -176,7 +179,7 @@ def test_actor_stage_logs_and_resumes_exactly_after_sigkill(tmp_path):
     first = rows[0]
     assert abs(first["ratio_mean"] - 1.0) < 1e-4 and first["approx_kl"] < 1e-8   # pi_old is the policy
     args = [sys.executable, "-m", "rig_jax.tools.train", f"--config={CONFIG}:actor_tiny",
-            f"--workdir={killed}", steps]
+            f"--workdir={killed}", steps, "--config.eval.num_prompts=0"]
     proc = subprocess.Popen(args, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:
@@ -187,7 +190,7 @@ def test_actor_stage_logs_and_resumes_exactly_after_sigkill(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)                     # mid-rollout: step 3 of the rollout of 3-4
     proc.wait()
     assert len(_train_rows(killed)) < 8
-    _rig_train("actor_tiny", killed, steps)
+    _rig_train("actor_tiny", killed, steps, "--config.eval.num_prompts=0")
     assert _train_rows(killed) == rows
     from rig_jax.vlm.pipeline import load_vlm_pipeline
 

@@ -47,11 +47,12 @@ def test_editor_stage_on_a_mesh_equals_one_device(tmp_path):
     # 10 editor steps (8 re-denoised at strength 0.8), not editor_tiny's 8: at seed 8 that is
     # the schedule whose first rollout holds a group with differing rewards
     common = (SEED, "--config.train.total_steps=2", "--config.rl.minibatches=1",
-              "--config.editor.sampler.num_steps=10")
+              "--config.editor.sampler.num_steps=10", "--config.eval.num_prompts=0")
     _rig_train("editor_tiny", one, *common, "--config.mesh.shape=(1,1,1)")
     _rig_train("editor_tiny", mesh, *common, "--config.mesh.shape=(2,2,2)", devices=8)
     a, b = _train_rows(one), _train_rows(mesh)
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    assert not any(k.startswith("eval/") for r in _records(one) for k in r)     # eval.num_prompts = 0
     _learns(a)
     for ra, rb in zip(a, b, strict=True):
         for key in COMPARED:

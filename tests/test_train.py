@@ -17,6 +17,7 @@ from rig_jax.errors import ConfigError
 from rig_jax.train.optimizer import OptimizerSettings, learning_rate_schedule, make_optimizer
 from rig_jax.train.state import create_state, ema_decay
 from rig_jax.train.step import StepSettings, make_train_step
+from tests.helpers import tool_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_train.py")
@@ -44,11 +45,7 @@ def _without_time(records):
     return [{k: v for k, v in r.items() if k != "wall_seconds"} for r in records]
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+_env = tool_env
 
 
 def _rig_train(args, **kw):

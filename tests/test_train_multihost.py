@@ -8,7 +8,7 @@ import sys
 import portpicker
 import pytest
 
-from tests.helpers import run_together
+from tests.helpers import run_together, tool_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "shapes_train.py")
@@ -16,12 +16,7 @@ ARGS = ["-m", "rig_jax.tools.train", "--config", f"{CONFIG}:vae_tiny", "--config
         "--config.train.total_steps=4", "--config.train.log_every=1", "--config.train.checkpoint_every=2"]
 
 
-def _env(devices):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    return env
+_env = tool_env
 
 
 def _metrics(workdir):

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from rig_jax.data.scene_graph import SceneGraph
+from rig_jax.errors import ConfigError
 from rig_jax.eval.scene_graph_iou import score_record
 from rig_jax.rig.loop import LoopRecord, Models, RoundSettings, generate_reflect_edit
 
@@ -51,9 +52,16 @@ def rounds_grid(records: Sequence[LoopRecord], max_rounds: int, limit: int = 8) 
 
 
 def loop_evaluator(config: Any, workdir: str, env: Any, actor: Any, actor_params: Callable[[Any], Any],
-                   editor_params: Callable[[Any], Any] | None) -> Callable[[Any, int], dict[str, float]]:
+                   editor_params: Callable[[Any], Any] | None
+                   ) -> Callable[[Any, int], dict[str, float]] | None:
     """The train loop's `evaluate` hook: the loop with the state's Actor (stage 1) or Editor
-    (stage 2) on `eval.num_prompts` held-out prompts, same prompts and seed at every call."""
+    (stage 2) on `eval.num_prompts` held-out prompts, same prompts and seed at every call.
+    `eval.num_prompts = 0`: no hook, so no held-out evaluation (nor its programs' compiles)."""
+    n = config.eval.num_prompts
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ConfigError(f"eval.num_prompts must be an integer >= 0 (0: no held-out evaluation), got {n!r}")
+    if n == 0:
+        return None
     graphs: list[SceneGraph] = env.prompts.held_out(config.eval.num_prompts)
     settings = round_settings(config, config.eval.batch_size)
 
