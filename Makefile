@@ -25,7 +25,7 @@ demo: $(VENV)/.runtime
 
 test: $(VENV)/.test
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n $(PYTEST_WORKERS) tests
+	$(PY) -m pytest -n $(PYTEST_WORKERS) --maxschedchunk=1 tests
 
 lint: $(VENV)/.test
 	$(VENV)/bin/ruff check .

@@ -21,6 +21,16 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The `heavy` tests first, longest first, the rest in their order: with xdist handing out
+    one test at a time (`--maxschedchunk=1`, the Makefile's), the two workers share the long
+    tests and the short ones fill in at the end, instead of one long test running alone last."""
+    def seconds(item):
+        mark = item.get_closest_marker("heavy")
+        return mark.kwargs.get("seconds", 60) if mark else 0
+    items[:] = sorted(items, key=lambda item: -seconds(item))     # stable: ties keep their order
+
+
 def pytest_configure(config):
     try:
         import diffusers

@@ -168,6 +168,7 @@ def test_loop_rollout_hook_saves_only_between_rollouts(tmp_path, devices):
 
 # ----------------------------------------------------------------------------- the stages, end to end
 
+@pytest.mark.heavy(seconds=130)
 def test_actor_stage_logs_and_resumes_exactly_after_sigkill(tmp_path):
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     steps = "--config.train.total_steps=8"

@@ -203,6 +203,7 @@ def test_empty_paths_are_refused_naming_the_field(devices):
         assert str(info.value).startswith(f"{field}: ") and "\n" not in str(info.value), field
 
 
+@pytest.mark.heavy(seconds=110)
 def test_reflection_tiny_trains_both_stages_and_exports(folders, tmp_path):
     """Both stages through rig-train: the rollout reads LAION-SG batches, the VLM Checker scores
     SD images, the Actor's first update is on-policy (ratio 1, no KL), the held-out loop reads

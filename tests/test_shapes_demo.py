@@ -9,6 +9,7 @@ import sys
 from html.parser import HTMLParser
 
 import numpy as np
+import pytest
 
 from rig_jax.rl.systems import SYSTEMS
 
@@ -46,6 +47,7 @@ class _Images(HTMLParser):
         self.images += tag == "img"
 
 
+@pytest.mark.heavy(seconds=340)
 def test_demo_tiny_runs_every_stage_and_system(tmp_path):
     workdir = tmp_path / "demo"
     _demo(workdir)

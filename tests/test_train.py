@@ -133,6 +133,7 @@ def tiny_vae_dir(tmp_path_factory):
     return os.path.join(workdir, "vae")
 
 
+@pytest.mark.heavy(seconds=200)
 def test_tiny_unet_pretraining_loss_falls(tiny_vae_dir, tmp_path):
     from rig_jax.jobs import job_builder
     from rig_jax.parallel.mesh import mesh_context
@@ -171,6 +172,7 @@ def test_tiny_unet_pretraining_loss_falls(tiny_vae_dir, tmp_path):
     assert _records(warm_dir)[0]["loss"] < losses[0]
 
 
+@pytest.mark.heavy(seconds=90)
 def test_sharded_train_step_equals_single_device(devices, tmp_path):
     import flax.linen as nn
 
@@ -200,6 +202,7 @@ def test_sharded_train_step_equals_single_device(devices, tmp_path):
         np.testing.assert_allclose(b, a, atol=1e-5, rtol=0)
 
 
+@pytest.mark.heavy(seconds=90)
 def test_sigkill_and_resume_logs_the_same_metrics(tmp_path):
     args = ["--config", f"{CONFIG}:vae_tiny", "--config.train.total_steps=14", "--config.train.log_every=1",
             "--config.train.checkpoint_every=3"]

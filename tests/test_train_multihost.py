@@ -25,6 +25,7 @@ def _metrics(workdir):
 
 
 @pytest.mark.multihost
+@pytest.mark.heavy(seconds=115)
 def test_two_processes_log_what_one_process_logs(tmp_path):
     single = str(tmp_path / "single")
     done = subprocess.run([sys.executable, *ARGS, "--workdir", single], cwd=ROOT, env=_env(8),
