@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from rig_jax.errors import RigError
+from tests.helpers import tool_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "laion_sg.py")
@@ -74,13 +75,7 @@ def folders(tmp_path_factory):
             "prompts.data_dir": _laion_build(tmp_path_factory.mktemp("laion_sg"))}
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    env["JAX_PLATFORMS"] = "cpu"
-    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(ROOT, ".cache", "jax")
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
-    return env
+_env = tool_env
 
 
 def _rig_train(variant, workdir, folders, *overrides):

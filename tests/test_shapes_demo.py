@@ -12,16 +12,12 @@ import numpy as np
 import pytest
 
 from rig_jax.rl.systems import SYSTEMS
+from tests.helpers import tool_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _env():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
-               JAX_COMPILATION_CACHE_DIR=os.path.join(ROOT, ".cache", "jax"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.5")
-    return env
+_env = tool_env
 
 
 def _demo(workdir):

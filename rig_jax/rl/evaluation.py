@@ -62,7 +62,7 @@ def loop_evaluator(config: Any, workdir: str, env: Any, actor: Any, actor_params
         raise ConfigError(f"eval.num_prompts must be an integer >= 0 (0: no held-out evaluation), got {n!r}")
     if n == 0:
         return None
-    graphs: list[SceneGraph] = env.prompts.held_out(config.eval.num_prompts)
+    graphs: list[SceneGraph] = env.prompts.held_out(n)
     settings = round_settings(config, config.eval.batch_size)
 
     def evaluate(state: Any, step: int) -> dict[str, float]:
