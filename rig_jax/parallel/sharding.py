@@ -33,7 +33,18 @@ def abstract_shardings(init_fn: Callable[..., Any], mesh: Mesh, rules: LogicalRu
                        *args: Any) -> Any:
     """Shardings of the unboxed param tree of `init_fn(*args)`, without computing it
     (used to place weights loaded from a checkpoint)."""
-    return param_shardings(jax.eval_shape(init_fn, *args), mesh, rules)
+    return abstract_params(init_fn, mesh, rules, *args)[1]
+
+
+def abstract_params(init_fn: Callable[..., Any], mesh: Mesh, rules: LogicalRules,
+                    *args: Any) -> tuple[Any, Any]:
+    """`(shapes, shardings)` of the unboxed param tree of `init_fn(*args)` (ShapeDtypeStruct
+    leaves), traced, never run: what a warm-started job needs in place of a random init that it
+    would throw away (for a large U-Net, a compile and a full copy of the weights)."""
+    boxed = jax.eval_shape(init_fn, *args)
+    is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+    shapes = jax.tree.map(lambda x: x.value if is_box(x) else x, boxed, is_leaf=is_box)   # no constraint
+    return shapes, param_shardings(boxed, mesh, rules)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

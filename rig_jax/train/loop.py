@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rig_jax.errors import ConfigError, RigError
 from rig_jax.parallel.rules import LogicalRules
-from rig_jax.parallel.sharding import init_sharded, shard_batch
+from rig_jax.parallel.sharding import abstract_params, init_sharded, shard_batch
 from rig_jax.train.checkpoint import TrainCheckpointer, leaf_shapes
 from rig_jax.train.metrics import MetricsWriter
 from rig_jax.train.optimizer import OptimizerSettings, learning_rate_schedule, make_optimizer
@@ -104,9 +104,11 @@ def init_state(job: TrainJob, seed: int, mesh: Mesh, rules: LogicalRules
     """(state, its shardings, optimizer): params born sharded, the rest placed to match."""
     optimizer = make_optimizer(job.optimizer)
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(seed))
-    params, params_shardings = init_sharded(job.init_params, mesh, rules, init_rng)
-    if job.warm_start is not None:
-        params = _warm_params(job, params, params_shardings)
+    if job.warm_start is None:
+        params, params_shardings = init_sharded(job.init_params, mesh, rules, init_rng)
+    else:
+        shapes, params_shardings = abstract_params(job.init_params, mesh, rules, init_rng)
+        params = _warm_params(job, shapes, params_shardings)
     use_ema = job.step.ema_decay > 0
 
     def build(p: Any) -> TrainState:
@@ -118,7 +120,8 @@ def init_state(job: TrainJob, seed: int, mesh: Mesh, rules: LogicalRules
 
 
 def _warm_params(job: TrainJob, fresh: Any, shardings: Any) -> Any:
-    """The warm-start params placed like the fresh ones; a tree of another shape is refused."""
+    """The warm-start params placed with `shardings`, in the dtypes of `fresh` (the random
+    init's shapes); a tree of another shape is refused."""
     warm = job.warm_start()
     have, want = leaf_shapes(warm), leaf_shapes(fresh)
     if have != want:
