@@ -1,6 +1,6 @@
 """The README's main job on the tiny variant, end to end through the console entry point: both
 Reflection-GRPO stages (with LoRA), the six systems, the report files; a second run skips the
-finished stages."""
+finished stages and the evaluation, which a changed config or stage export redoes."""
 import csv
 import json
 import os
@@ -69,5 +69,36 @@ def test_demo_tiny_runs_every_stage_and_system(tmp_path):
     assert parser.images >= 8 * len(SYSTEMS)                      # at least one round per system and prompt
     for plot in (workdir / "plots").iterdir():
         assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = (workdir / "metrics.json").stat().st_mtime_ns
     again = _demo(workdir)
-    assert again.stdout.count("skipped") == 2
+    assert again.stdout.count("skipped") == 3                     # both stages and the systems
+    assert (workdir / "metrics.json").stat().st_mtime_ns == written
+
+
+def test_a_rerun_skips_the_systems_only_for_the_same_config_and_stage_exports(tmp_path):
+    from rig_jax.config import load_config_file
+    from rig_jax.tools.shapes_demo import OUTPUT_FILES, evaluation_fingerprint, finished_evaluation
+
+    config = load_config_file(os.path.join(ROOT, "configs", "shapes.py:tiny"))
+    config.workdir = str(tmp_path)
+    weights = tmp_path / "grpo_editor" / "editor" / "unet" / "model.safetensors"
+    weights.parent.mkdir(parents=True)
+    weights.write_bytes(b"1")
+    (tmp_path / "grpo_actor" / "actor").mkdir(parents=True)
+    (tmp_path / "grpo_actor" / "actor" / "config.json").write_text("{}")
+    fingerprint = evaluation_fingerprint(config)
+    assert finished_evaluation(str(tmp_path), fingerprint) is None                  # nothing written yet
+    for name in OUTPUT_FILES:
+        (tmp_path / name).write_text(json.dumps({"info": {"fingerprint": fingerprint}}))
+    assert finished_evaluation(str(tmp_path), fingerprint) == {"info": {"fingerprint": fingerprint}}
+    (tmp_path / "report.html").unlink()
+    assert finished_evaluation(str(tmp_path), fingerprint) is None                  # an output is missing
+    (tmp_path / "report.html").write_text("")
+
+    config.systems.num_prompts += 1
+    assert evaluation_fingerprint(config) != fingerprint                             # another config
+    config.systems.num_prompts -= 1
+    assert evaluation_fingerprint(config) == fingerprint
+    os.utime(weights, ns=(0, 0))                                                # a stage trained again
+    assert evaluation_fingerprint(config) != fingerprint
+    assert finished_evaluation(str(tmp_path), evaluation_fingerprint(config)) is None

@@ -591,8 +591,6 @@ def write_demo_outputs(out_dir: str, results: Sequence[SystemResult], training_l
     systems = system_metrics(results)
     info = {str(k): _json_value(v) for k, v in info.items()}
     metrics = {"systems": systems, "gain_sg_iou_d_minus_a": _gain(systems), "info": info}
-    _write_atomic(os.path.join(out_dir, "metrics.json"),
-                  json.dumps(metrics, indent=2, default=str, allow_nan=False) + "\n")
     _write_atomic(os.path.join(out_dir, "per_record.csv"), _csv_text(results))
 
     plots = stage_plots(training_logs)
@@ -605,4 +603,7 @@ def write_demo_outputs(out_dir: str, results: Sequence[SystemResult], training_l
     shown = max(0, min(int(report_prompts), max(len(r.records) for r in results)))
     _write_atomic(os.path.join(out_dir, "report.html"),
                   _html_page(systems, metrics["gain_sg_iou_d_minus_a"], info, plots, bars, results, shown))
+    # last: its presence says every other output of this evaluation was written (a rerun skips it)
+    _write_atomic(os.path.join(out_dir, "metrics.json"),
+                  json.dumps(metrics, indent=2, default=str, allow_nan=False) + "\n")
     return metrics

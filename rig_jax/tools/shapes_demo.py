@@ -6,7 +6,8 @@ stopped one resumes from its checkpoint), then the six systems of docs/method.md
 held-out prompts, the same prompts and noise for each, scored by the config's judge
 (`judge.kind`: the pixel detector by default, or a VLM judge with `judge.path`):
 `metrics.json` (its `info.judge` names the judge), `per_record.csv`, `report.html` and `plots/`
-under the workdir. Every output path is checked before training starts.
+under the workdir. Every output path is checked before training starts. A rerun whose config and
+stage exports are those of the workdir's metrics.json (`info.fingerprint`) skips the systems too.
 
     python -m rig_jax.tools.shapes_demo --config=configs/shapes.py:demo [--config.seed=1]
 """
@@ -32,6 +33,12 @@ def run(config: Any) -> dict[str, Any]:
     start = time.perf_counter()
     run_stages(config, STAGED["reflection_grpo"])
     trained = time.perf_counter() - start
+    fingerprint = evaluation_fingerprint(config)
+    earlier = finished_evaluation(config.workdir, fingerprint)
+    if earlier is not None:
+        print(f"systems: evaluated earlier by this config on these stage exports "
+              f"({config.workdir}/metrics.json), skipped")
+        return earlier
     with mesh_context(config) as (mesh, rules):
         results = evaluate(config, mesh, rules)
     from rig_jax.eval.demo_report import write_demo_outputs
@@ -40,7 +47,7 @@ def run(config: Any) -> dict[str, Any]:
             "prompts_seed": config.prompts.eval_seed, "max_rounds": config.loop.max_rounds,
             "judge": config.judge.kind if config.judge.kind != "vlm" else f"vlm ({config.judge.path})",
             "train_seconds": round(trained, 1), "wall_seconds": round(time.perf_counter() - start, 1),
-            "machine": machine()}
+            "machine": machine(), "fingerprint": fingerprint}
     logs = {name: os.path.join(config.workdir, name, "metrics.jsonl") for name in STAGED["reflection_grpo"]}
     metrics = write_demo_outputs(config.workdir, results, logs, info, config.systems.report_prompts)
     scores = ", ".join(f"{r.name} {r.metrics['sg_iou_attr']:.3f}" for r in results)
@@ -72,6 +79,41 @@ def check_before_work(config: Any) -> None:
         check_output_file(os.path.join(config.workdir, name), WORKDIR_FLAG)
     check_output_folder(os.path.join(config.workdir, "plots"), WORKDIR_FLAG, allow_existing=True)
     check_stage_folders(config, WORKDIR_FLAG)
+
+
+def evaluation_fingerprint(config: Any) -> str:
+    """What the systems' results depend on: the whole config but its workdir, and the size and
+    modification time of every file the two stages exported (a stage trained again changes them)."""
+    import hashlib
+
+    from rig_jax.tools.train import STAGE_EXPORTS
+
+    digest = hashlib.sha256(config.to_json_best_effort(sort_keys=True).replace(config.workdir, "<workdir>")
+                            .encode())
+    for name, export in sorted(STAGE_EXPORTS.items()):
+        folder = os.path.join(config.workdir, name, os.path.dirname(export))
+        for root, _, files in sorted(os.walk(folder)):
+            for file in sorted(files):
+                info = os.stat(os.path.join(root, file))
+                digest.update(f"{os.path.relpath(os.path.join(root, file), config.workdir)} {info.st_size} "
+                              f"{info.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def finished_evaluation(workdir: str, fingerprint: str) -> dict[str, Any] | None:
+    """metrics.json of an earlier evaluation with this fingerprint, or None. metrics.json is the
+    last output written, so when it is there the report and the CSV are too."""
+    import json
+
+    path = os.path.join(workdir, "metrics.json")
+    try:
+        with open(path) as f:
+            metrics = json.load(f)
+    except (OSError, ValueError):
+        return None
+    done = all(os.path.isfile(os.path.join(workdir, name)) for name in OUTPUT_FILES)
+    info = metrics.get("info") if isinstance(metrics, dict) else None
+    return metrics if done and isinstance(info, dict) and info.get("fingerprint") == fingerprint else None
 
 
 def machine() -> str:
