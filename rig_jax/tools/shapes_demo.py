@@ -24,6 +24,8 @@ from rig_jax.config import SugarParser, run_tool
 def run(config: Any) -> dict[str, Any]:
     import logging
 
+    import jax
+
     from rig_jax.jobs import STAGED
     from rig_jax.parallel import mesh_context
     from rig_jax.tools.train import run_stages
@@ -49,6 +51,8 @@ def run(config: Any) -> dict[str, Any]:
             "train_seconds": round(trained, 1), "wall_seconds": round(time.perf_counter() - start, 1),
             "machine": machine(), "fingerprint": fingerprint}
     logs = {name: os.path.join(config.workdir, name, "metrics.jsonl") for name in STAGED["reflection_grpo"]}
+    if jax.process_index() != 0:          # every host ran the same evaluation; process 0 writes it
+        return {}
     metrics = write_demo_outputs(config.workdir, results, logs, info, config.systems.report_prompts)
     scores = ", ".join(f"{r.name} {r.metrics['sg_iou_attr']:.3f}" for r in results)
     print(f"SG-IoU (attr) per system: {scores}; wrote {config.workdir}/report.html")
