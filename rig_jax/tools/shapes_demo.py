@@ -25,6 +25,7 @@ def run(config: Any) -> dict[str, Any]:
     import logging
 
     import jax
+    import numpy as np
 
     from rig_jax.jobs import STAGED
     from rig_jax.parallel import mesh_context
@@ -37,6 +38,11 @@ def run(config: Any) -> dict[str, Any]:
     trained = time.perf_counter() - start
     fingerprint = evaluation_fingerprint(config)
     earlier = finished_evaluation(config.workdir, fingerprint)
+    if jax.process_count() > 1:      # the evaluation is one SPMD program: every host follows process 0
+        from jax.experimental import multihost_utils
+
+        skip = bool(multihost_utils.broadcast_one_to_all(np.int32(earlier is not None)))
+        earlier = (earlier or {}) if skip else None
     if earlier is not None:
         print(f"systems: evaluated earlier by this config on these stage exports "
               f"({config.workdir}/metrics.json), skipped")
