@@ -2,7 +2,8 @@
 
 argv: process_id, num_processes, coordinator port, output file. Joins the others with
 jax.distributed over loopback (gloo CPU collectives), builds the 8-device mesh through
-rig_jax.parallel, shards the tiny model and a batch, and writes its results.
+rig_jax.parallel, shards the tiny model and a batch, asks `process_zero_decides` with flags that
+differ by host, and writes its results.
 """
 import os
 import sys
@@ -21,7 +22,14 @@ import numpy as np
 import optax
 from jax.experimental import multihost_utils
 
-from rig_jax.parallel import DEFAULT_RULES, init_sharded, make_mesh, maybe_initialize_distributed, shard_batch
+from rig_jax.parallel import (
+    DEFAULT_RULES,
+    init_sharded,
+    make_mesh,
+    maybe_initialize_distributed,
+    process_zero_decides,
+    shard_batch,
+)
 from rig_jax.weights.mapping import to_host
 from tests.tiny_annotated import TinyAnnotatedMLP
 
@@ -60,8 +68,10 @@ with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
     new_params, _, loss = jax.jit(train_step)(params, jax.jit(tx.init)(params), xb, yb)
 
 out = multihost_utils.process_allgather(out, tiled=True)
+# Each host asks with a flag of its own (as from its own files); all must get process 0's.
+decided = [process_zero_decides(process_id == 0), process_zero_decides(process_id != 0)]
 new_params = jax.tree.map(to_host, new_params)  # the exporters' gather
-np.savez(out_path, out=np.asarray(out), loss=np.asarray(loss),
+np.savez(out_path, out=np.asarray(out), loss=np.asarray(loss), decided=np.asarray(decided),
          **{"/".join(p.key for p in path): np.asarray(v)
             for path, v in jax.tree_util.tree_flatten_with_path(new_params)[0]})
 jax.distributed.shutdown()

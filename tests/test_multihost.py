@@ -41,6 +41,7 @@ def test_two_processes_match_single_process(tmp_path):
 
     for path in outs:
         got = np.load(path)
+        assert got["decided"].tolist() == [True, False]   # process 0's flags, on every host
         np.testing.assert_allclose(got["out"], np.asarray(ref_out), atol=1e-6, rtol=0)
         assert abs(float(got["loss"]) - float(loss)) <= 1e-6
         for kp, v in jax.tree_util.tree_flatten_with_path(ref_params)[0]:

@@ -111,6 +111,18 @@ def maybe_initialize_distributed(dist_config: Any) -> None:
                           "process_id") from None
 
 
+def process_zero_decides(flag: bool) -> bool:
+    """Process 0's `flag` on every host (itself on one process). For host-side decisions that
+    choose which SPMD programs run next (skip a finished stage, an evaluation done earlier):
+    hosts that read files of their own could disagree, and one host would then start a
+    program the others never join."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
+
+
 @contextlib.contextmanager
 def mesh_context(config: Any) -> Iterator[tuple[Mesh, LogicalRules]]:
     """Builds the mesh and the logical axis rules from `config.mesh` and enters both (the jax

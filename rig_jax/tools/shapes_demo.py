@@ -25,10 +25,9 @@ def run(config: Any) -> dict[str, Any]:
     import logging
 
     import jax
-    import numpy as np
 
     from rig_jax.jobs import STAGED
-    from rig_jax.parallel import mesh_context
+    from rig_jax.parallel import mesh_context, process_zero_decides
     from rig_jax.tools.train import run_stages
 
     check_before_work(config)
@@ -38,15 +37,10 @@ def run(config: Any) -> dict[str, Any]:
     trained = time.perf_counter() - start
     fingerprint = evaluation_fingerprint(config)
     earlier = finished_evaluation(config.workdir, fingerprint)
-    if jax.process_count() > 1:      # the evaluation is one SPMD program: every host follows process 0
-        from jax.experimental import multihost_utils
-
-        skip = bool(multihost_utils.broadcast_one_to_all(np.int32(earlier is not None)))
-        earlier = (earlier or {}) if skip else None
-    if earlier is not None:
+    if process_zero_decides(earlier is not None):   # the evaluation is one SPMD program
         print(f"systems: evaluated earlier by this config on these stage exports "
               f"({config.workdir}/metrics.json), skipped")
-        return earlier
+        return earlier or {}
     with mesh_context(config) as (mesh, rules):
         results = evaluate(config, mesh, rules)
     from rig_jax.eval.demo_report import write_demo_outputs

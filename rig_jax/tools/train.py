@@ -80,14 +80,17 @@ def _merge(config: Any, fields: dict[str, Any], where: str) -> None:
 
 def run_stages(config: Any, names: tuple[str, ...]) -> dict[str, Any]:
     """Each stage in order in `<workdir>/<stage>`; a stage whose export is already there is
-    skipped (a second run resumes where the first stopped)."""
+    skipped (a second run resumes where the first stopped). On several processes process 0's
+    filesystem decides, so every host runs the same stages."""
     import os
+
+    from rig_jax.parallel import process_zero_decides
 
     done: dict[str, str] = {}
     last: dict[str, Any] = {}
     for name in names:
         stage = stage_config(config, name, done)
-        if os.path.isfile(os.path.join(stage.workdir, STAGE_EXPORTS[name])):
+        if process_zero_decides(os.path.isfile(os.path.join(stage.workdir, STAGE_EXPORTS[name]))):
             print(f"{name}: finished earlier ({stage.workdir}), skipped")
         else:
             last = {f"{name}/{k}": v for k, v in run_job(stage).items()}
