@@ -7,14 +7,12 @@ import pytest
 
 from rig_jax.config import check_overrides, load_config_file, validate_config
 from rig_jax.errors import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, tool_env
 
 
 def run_tool(*args):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    return subprocess.run([sys.executable, "-m", "rig_jax.tools.shapes_data", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "rig_jax.tools.shapes_data", *args], cwd=ROOT,
+                          env=tool_env(devices=8), capture_output=True, text=True, timeout=120)
 
 
 def test_variants_load_and_override_in_process():

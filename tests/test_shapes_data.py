@@ -1,15 +1,15 @@
-"""The README's main job, end to end on the tiny variant."""
+"""The ShapesSG data tool (rig_jax.tools.shapes_data, the judged clean renders) on the tiny
+variant: on one process over a (2,2,2) mesh, and on two processes."""
 import json
-import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import ROOT, tool_env
 
 
 def test_demo_tiny_writes_all_outputs(tmp_path):
     out = tmp_path / "demo"
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    env = tool_env(devices=8)
     result = subprocess.run([sys.executable, "-m", "rig_jax.tools.shapes_data",
                              "--config=configs/shapes_data.py:tiny", f"--config.out_dir={out}",
                              "--config.mesh.shape=(2,2,2)"],
@@ -31,8 +31,7 @@ def test_demo_on_two_hosts_splits_the_data_and_aggregates(tmp_path):
 
     out = tmp_path / "demo"
     port = portpicker.pick_unused_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env.update(XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    env = tool_env(devices=4)
     procs = [subprocess.Popen(
         [sys.executable, "-m", "rig_jax.tools.shapes_data", "--config=configs/shapes_data.py:tiny",
          f"--config.out_dir={out}", "--config.mesh.shape=(2,2,2)", "--config.distributed.enabled=True",
