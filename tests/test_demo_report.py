@@ -50,16 +50,17 @@ def _mirrored(scene: shapes.Scene) -> shapes.Scene:
 STAGES = {"missing": _without_first, "mirror": _mirrored, "true": lambda s: s}
 
 
-def _record(scene: shapes.Scene, plan: tuple[str, ...], final: str = "last", empty: bool = False
-            ) -> LoopRecord:
+def _record(scene: shapes.Scene, plan: tuple[str, ...], final: str = "last", empty: bool = False,
+            draws: bool = False) -> LoopRecord:
     """One round per entry of `plan`: the scene with an object gone ("missing"), mirrored
-    ("mirror") or as prompted ("true"); the result is the last or the best-scoring round."""
+    ("mirror") or as prompted ("true"); the result is the last or the best-scoring round.
+    `draws`: independent samples (best-of-N), no edit prompt on any of them."""
     graph = shapes.scene_graph(scene)
     images = [shapes.render(STAGES[p](scene)) for p in plan]
     checks = CHECKER.check(np.stack(images), [graph] * len(images))
     n = len(plan)
     rounds = tuple(Round(image=im, check=c,
-                         edit_prompt=None if k == n - 1 else
+                         edit_prompt=None if k == n - 1 or draws else
                          ("" if empty else EDIT.format(obj=graph.items[0].text()) + f" #{k}"),
                          seconds=0.25 * (k + 1))
                    for k, (im, c) in enumerate(zip(images, checks, strict=True)))
@@ -73,19 +74,21 @@ PLANS = {"diffuser": [(("missing",), "last"), (("mirror",), "last"), (("true",),
          "loop_stage2": [(("missing", "mirror", "true"), "last"), (("mirror", "true"), "last"),
                          (("missing", "true", "mirror"), "best")],
          "empty_edit": [(("missing", "mirror"), "last"), (("mirror", "mirror", "true"), "last"),
-                        (("true",), "last")]}
+                        (("true",), "last")],
+         "best_of_n": [(("mirror", "true"), "best"), (("true", "missing"), "best"), (("mirror",), "best")]}
 
 
 def fake_results() -> list[SystemResult]:
-    """Three systems on the same three prompts: (a) one round each; (d) 2-3 rounds, always
-    ending right (its last prompt by keeping the best round); (e) 1-3 rounds, empty edits."""
+    """Four systems on the same three prompts: (a) one round each; (d) 2-3 rounds, always
+    ending right (its last prompt by keeping the best round); (e) 1-3 rounds, empty edits;
+    (f) 1-2 independent draws, the best kept."""
     scenes = shapes.generate_scenes(7, NUM_PROMPTS, WORLD)
     judge = ShapesJudge(WORLD)
     sampler = SamplerSettings.from_config(common.sampler())
     edit = EditSettings.from_config(common.editor())
     results = []
     for name, plan in PLANS.items():
-        records = [_record(s, rounds, final, empty=name == "empty_edit")
+        records = [_record(s, rounds, final, empty=name == "empty_edit", draws=name == "best_of_n")
                    for s, (rounds, final) in zip(scenes, plan, strict=True)]
         results.append(score_system(name, records, judge, WORLD, sampler, edit, seconds=1.5))
     return results
@@ -118,7 +121,7 @@ def write_logs(root: str, stages: dict[str, bool]) -> dict[str, str]:
 
 
 def write_fake_workdir(out_dir: str, stages: dict[str, bool] | None = None) -> dict:
-    """A small demo workdir (both stage logs, three systems): what the notebook test shows."""
+    """A small demo workdir (both stage logs, four systems): what the notebook test shows."""
     logs = write_logs(out_dir, stages or {"grpo_actor": True, "grpo_editor": True})
     info = {"seed": 0, "wall_seconds": 12.5, "machine": "test machine <cpu>"}
     return write_demo_outputs(out_dir, fake_results(), logs, info, report_prompts=2)
@@ -222,7 +225,7 @@ def test_per_record_csv(written, results):
             assert int(row["final_index"]) == record.final_index
             for k in keys:
                 assert float(row[k]) == scores[k]       # full precision
-            edits = [x.edit_prompt for x in record.rounds[:-1]]
+            edits = [x.edit_prompt for x in record.rounds if x.edit_prompt is not None]
             assert row["edit_prompts"] == " | ".join(edits)
     stage2 = [row for row in rows if row["system"] == "loop_stage2"]
     assert stage2[0]["edit_prompts"].count(" | ") == 1 and "#1" in stage2[0]["edit_prompts"]
@@ -257,6 +260,20 @@ def test_report_html_rounds_left_to_right(written, results):
     assert "(empty edit prompt)" in text
     assert "<th>machine</th><td>a &lt;test&gt; machine</td>" in source
     assert "<th>seed</th><td>3</td>" in source and "<th>wall_seconds</th><td>42</td>" in source
+
+
+def test_report_html_best_of_n_shows_draws_not_edits(written):
+    """Best-of-N's samples are independent draws: captioned as draws, no edit arrow between them,
+    the Checker's pick outlined; a loop's rounds keep I_k and their arrows."""
+    out, _, _ = written
+    prompts = _page(out)[1].split("<!-- rig-report:prompts -->")[1]
+    row = prompts.split('<tr data-system="best_of_n">')[1].split("</tr>")[0]
+    assert row.count("<figure") == 2 and 'class="arrow"' not in row and "(empty edit prompt)" not in row
+    captions = [c.split("<br>")[0] for c in row.split("<figcaption>")[1:]]
+    assert captions[0].startswith("draw 1 S=") and not captions[0].endswith("(final)")
+    assert captions[1] == "draw 2 S=1.00 (final)" and "I<sub>" not in row
+    loop_row = prompts.split('<tr data-system="empty_edit">')[1].split("</tr>")[0]
+    assert "I<sub>0</sub>" in loop_row and 'class="arrow"' in loop_row and "draw 1" not in loop_row
 
 
 def test_report_html_verdicts_and_final(written, results):
@@ -378,7 +395,7 @@ def test_unwritable_out_dir(tmp_path, results, make):
 
 def test_fake_workdir_for_the_notebook(tmp_path):
     metrics = write_fake_workdir(str(tmp_path))
-    assert set(metrics["systems"]) == {"diffuser", "loop_stage2", "empty_edit"}
+    assert set(metrics["systems"]) == {"diffuser", "loop_stage2", "empty_edit", "best_of_n"}
     assert sorted(os.listdir(tmp_path / "plots")) == ["stage1.png", "stage2.png", "systems.png"]
     buf = io.StringIO((tmp_path / "report.html").read_text())
     assert buf.read().count("<!-- rig-report:prompt ") == 2

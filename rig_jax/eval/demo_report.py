@@ -483,7 +483,8 @@ def _verdict_name(v: Any) -> str | None:
     return None if v is None else str(getattr(v, "value", v))
 
 
-def _round_figure(system: str, prompt: int, k: int, image: np.ndarray, check: Any, final: bool) -> str:
+def _round_figure(system: str, prompt: int, k: int, image: np.ndarray, check: Any, final: bool,
+                  label: str) -> str:
     esc = html.escape
     arr = to_uint8(image)
     scale = max(1, -(-DISPLAY_PX // max(arr.shape[0], arr.shape[1])))
@@ -496,7 +497,7 @@ def _round_figure(system: str, prompt: int, k: int, image: np.ndarray, check: An
         chips.append(f'<span class="{cls}" title="{esc(tip)}">{j}{symbol}</span>')
     attrs = f' class="round" data-system="{esc(system)}" data-prompt="{prompt}" data-round="{k}"'
     tag = _img_tag(png_bytes(big), f"{system} round {k}", big.shape[1], big.shape[0], attrs)
-    caption = f"I<sub>{k}</sub> S={check.score:.2f}" + (" (final)" if final else "")
+    caption = f"{label} S={check.score:.2f}" + (" (final)" if final else "")
     return (f'<figure class="{"final" if final else "step"}">{tag}<figcaption>{caption}<br>'
             f'{" ".join(chips) or "(no triplets)"}</figcaption></figure>')
 
@@ -508,10 +509,14 @@ def _edit_arrow(text: str) -> str:
 
 
 def _record_rounds(system: str, prompt: int, record: LoopRecord) -> str:
+    """A loop's rounds I_0 -> I_1 -> ..., each arrow with its edit prompt; a record whose every
+    round has no edit prompt (best-of-N) holds independent draws, shown side by side as such."""
+    draws = len(record.rounds) > 1 and all(r.edit_prompt is None for r in record.rounds)
     parts = []
     for k, r in enumerate(record.rounds):
-        parts.append(_round_figure(system, prompt, k, r.image, r.check, k == record.final_index))
-        if k + 1 < len(record.rounds):
+        label = f"draw {k + 1}" if draws else f"I<sub>{k}</sub>"
+        parts.append(_round_figure(system, prompt, k, r.image, r.check, k == record.final_index, label))
+        if k + 1 < len(record.rounds) and not draws:
             parts.append(_edit_arrow(r.edit_prompt or ""))
     return f'<div class="rounds">{"".join(parts)}</div>'
 
@@ -557,7 +562,8 @@ def _html_page(systems: Mapping[str, Mapping[str, Any]], gain: float | None, inf
             f"<!-- rig-report:prompts -->\n<h2>Prompts ({shown} of {total} shown)</h2>\n"
             f"<p>Each row: one system's rounds left to right; S is the Checker's score; per triplet "
             f"(numbered as under the prompt): {legend}. The arrow carries the edit prompt that made "
-            f"the next image; the outlined image is the system's result.</p>\n"
+            f"the next image; the outlined image is the system's result (best-of-N: the Checker's pick of "
+            f"its independent draws).</p>\n"
             f"{blocks}<!-- rig-report:end -->\n</div></body></html>\n")
 
 
