@@ -341,7 +341,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 def _configured_main(main: Callable[[ml_collections.ConfigDict], Any], argv: Sequence[str],
                      parser: SugarParser) -> Any:
     from rig_jax.parallel.mesh import maybe_initialize_distributed
+    from rig_jax.runtime import apply_cpu_inline
 
+    apply_cpu_inline()   # RIG_CPU_INLINE=1: before any backend starts
     config = parse_config(argv, parser)
     if "distributed" in config:
         maybe_initialize_distributed(config.distributed)

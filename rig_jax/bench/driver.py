@@ -199,6 +199,7 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
         "bench": bench, "shape": spec["shape"], "batch": batch, "dtype": dtype,
         "backend": jax_ready["backend"], "device": jax_ready["device"], "jax": jax_ready["jax"],
         "threads": config.threads, "repeats": repeats, "unit": f"{unit}/s",
+        "cpu_inline": bool(jax_ready.get("cpu_inline")),
         **{k: spec[k] for k in ("steps", "trained_steps", "prompt_len", "new_tokens") if spec.get(k)},
         **({"guidance": spec["guidance"]} if bench in ("sampler", "editor-step") else {}),
         **({"forward_only": True} if spec["forward_only"] else {}),

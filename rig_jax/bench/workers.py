@@ -20,8 +20,10 @@ from typing import Any
 
 from rig_jax.bench.flops import cpu_seconds, peak_rss_mib, reset_peak_rss
 from rig_jax.errors import RigError
+from rig_jax.runtime import apply_cpu_inline
 
 WORKER = "import sys; from rig_jax.bench.workers import serve; serve(sys.argv[1])"
+CPU_INLINE = [False]  # whether this rig_jax worker runs with RIG_CPU_INLINE (rig_jax.runtime)
 
 
 def worker_env(threads: int, device: str, compile_cache: str = "") -> dict[str, str]:
@@ -79,7 +81,7 @@ class _Side:
             flops_t0 = time.perf_counter()
             ready["flops_per_call"] = task.flops()
             ready["flops_s"] = time.perf_counter() - flops_t0
-            ready.update(task.info, **jax_side.device_info())
+            ready.update(task.info, **jax_side.device_info(), cpu_inline=CPU_INLINE[0])
             self.peak = jax_side.device_peak_mib
         else:
             from rig_jax.bench import peers
@@ -116,6 +118,8 @@ def pin_to_cores(threads: int) -> list[int]:
 def serve(side: str) -> None:
     """The worker loop of `side` ("rig_jax" | "torch") over stdin/stdout."""
     cores = pin_to_cores(int(os.environ.get("RIG_BENCH_THREADS", "1")))
+    if side == "rig_jax":   # the tools' opt-in host setting, so the bench measures what they run
+        CPU_INLINE[0] = apply_cpu_inline()
     import numpy as np
     out = sys.stdout
     sys.stdout = sys.stderr       # libraries' prints must not break the protocol

@@ -1,0 +1,80 @@
+"""RIG_CPU_INLINE (rig_jax.runtime): off by default; on, a CPU executable's temp buffer stays in
+the heap between calls (measured as minor page faults per call in a child process), and a tool
+started with it runs CPU executables inline. Bad values and a late call are one-line errors."""
+import json
+import platform
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import pytest
+
+from rig_jax import runtime
+from rig_jax.errors import ConfigError
+from tests.helpers import tool_env
+
+# A jitted call whose intermediates (two 64 MiB cumulative sums) are one temp allocation of
+# ~128 MiB, above the 64 MiB heaps of a worker thread's glibc arena; prints what it measured.
+FAULTS = """
+import json, resource
+from rig_jax.runtime import apply_cpu_inline
+applied = apply_cpu_inline()
+import jax, jax.numpy as jnp
+from jax._src import xla_bridge
+f = jax.jit(lambda x: (jnp.cumsum(x * 2.0)[::1024] * jnp.cumsum(x[::-1])[::1024]).sum())
+x = jnp.ones((1 << 24,), jnp.float32)
+for _ in range(2):
+    f(x).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    f(x).block_until_ready()
+faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3
+print(json.dumps({"applied": applied, "faults": faults,
+                  "async": xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value}))
+"""
+
+
+def measure(inline: str) -> dict:
+    env = dict(tool_env(), RIG_CPU_INLINE=inline)
+    env.pop("XLA_FLAGS")   # the tests' -O0 makes the scans ten times slower; faults are the same
+    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                    reason="the setting and the fault count are glibc's")
+def test_inline_keeps_the_temp_buffer_between_calls():
+    off, on = measure("0"), measure("1")
+    assert not off["applied"] and off["async"] and off["faults"] > 10_000, off
+    assert on["applied"] and not on["async"] and on["faults"] < 1_000, on
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true"])
+def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch, value):
+    monkeypatch.setenv("RIG_CPU_INLINE", value)
+    with pytest.raises(ConfigError, match=rf"^RIG_CPU_INLINE: expected 0 or 1, got '{value}'$"):
+        runtime.apply_cpu_inline()
+
+
+def test_after_the_backend_started_it_is_refused(monkeypatch):
+    jnp.zeros(1).block_until_ready()     # this process's CPU backend is up
+    monkeypatch.setenv("RIG_CPU_INLINE", "1")
+    with pytest.raises(ConfigError, match="already started"):
+        runtime.apply_cpu_inline()
+    monkeypatch.setenv("RIG_CPU_INLINE", "0")
+    assert runtime.apply_cpu_inline() is False
+
+
+def test_a_tool_applies_it_at_start():
+    """Every tool's entry (`run_tool`) applies it before parsing the config: a tool whose config
+    is refused has already switched jax to inline dispatch; the error is still one line."""
+    probe = ("import sys; from jax._src import xla_bridge; from rig_jax.tools import sample\n"
+             "try:\n    sample.main(['--config.no_such_field=1'])\n"
+             "except SystemExit as e:\n"
+             "    print(e.code, xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)")
+    env = dict(tool_env(), RIG_CPU_INLINE="1")
+    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
+    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
