@@ -23,7 +23,6 @@ from rig_jax.errors import RigError
 from rig_jax.runtime import apply_cpu_inline
 
 WORKER = "import sys; from rig_jax.bench.workers import serve; serve(sys.argv[1])"
-CPU_INLINE = [False]  # whether this rig_jax worker runs with RIG_CPU_INLINE (rig_jax.runtime)
 
 
 def worker_env(threads: int, device: str, compile_cache: str = "") -> dict[str, str]:
@@ -54,7 +53,7 @@ def worker_env(threads: int, device: str, compile_cache: str = "") -> dict[str, 
 class _Side:
     """One side's loaded task: how to run it, its warm-up figures, its last result."""
 
-    def __init__(self, side: str, bench: str, spec: dict[str, Any]):
+    def __init__(self, side: str, bench: str, spec: dict[str, Any], cpu_inline: bool = False):
         import numpy as np
         self.side, self.last = side, None
         data = dict(np.load(spec["inputs"])) if spec.get("inputs") else {}
@@ -81,7 +80,7 @@ class _Side:
             flops_t0 = time.perf_counter()
             ready["flops_per_call"] = task.flops()
             ready["flops_s"] = time.perf_counter() - flops_t0
-            ready.update(task.info, **jax_side.device_info(), cpu_inline=CPU_INLINE[0])
+            ready.update(task.info, **jax_side.device_info(), cpu_inline=cpu_inline)
             self.peak = jax_side.device_peak_mib
         else:
             from rig_jax.bench import peers
@@ -118,8 +117,8 @@ def pin_to_cores(threads: int) -> list[int]:
 def serve(side: str) -> None:
     """The worker loop of `side` ("rig_jax" | "torch") over stdin/stdout."""
     cores = pin_to_cores(int(os.environ.get("RIG_BENCH_THREADS", "1")))
-    if side == "rig_jax":   # the tools' opt-in host setting, so the bench measures what they run
-        CPU_INLINE[0] = apply_cpu_inline()
+    # the tools' opt-in host setting (rig_jax.runtime), so the bench measures what they run
+    cpu_inline = side == "rig_jax" and apply_cpu_inline()
     import numpy as np
     out = sys.stdout
     sys.stdout = sys.stderr       # libraries' prints must not break the protocol
@@ -138,7 +137,7 @@ def serve(side: str) -> None:
                 current = None
                 gc.collect()
                 rss_scope = "bench" if reset_peak_rss() else "process"
-                current = _Side(side, command["bench"], command["spec"])
+                current = _Side(side, command["bench"], command["spec"], cpu_inline)
                 say(**current.ready, peak_rss_scope=rss_scope)
             elif what == "time":
                 say(**current.time())
