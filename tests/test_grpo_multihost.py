@@ -40,8 +40,17 @@ def _learns(rows: list[dict]) -> None:
     assert first["grad_norm"] > 1e-4, first
 
 
-def _close(a: float, b: float) -> bool:
-    return abs(a - b) <= 1e-5 * max(1.0, abs(a))
+# grad_norm is the norm of advantage-weighted log-prob gradients whose advantages sum to zero in
+# each group, so the mesh's other summation order shows in it well above float32's 1e-7. Stage
+# 2's, measured at seed 8 with 10 editor steps: on a Xeon (AVX-512) 2.0e-5 relative at step 1
+# and 1.9e-5 at step 2; on an AMD EPYC (AVX2) 1.8e-4 at step 2 (0.0777976 vs 0.0777837), where
+# step 2 is a new rollout from parameters one AdamW update apart. A sharding fault (a shard's
+# noise, a missing mean over devices, one group's advantages) moves it by a large fraction.
+RELATIVE = {"grad_norm": 1e-3}
+
+
+def _close(key: str, a: float, b: float) -> bool:
+    return abs(a - b) <= max(1e-5 * max(1.0, abs(a)), RELATIVE.get(key, 0.0) * abs(a))
 
 
 @pytest.mark.heavy(seconds=360)
@@ -59,7 +68,7 @@ def test_editor_stage_on_a_mesh_equals_one_device(tmp_path):
     _learns(a)
     for ra, rb in zip(a, b, strict=True):
         for key in COMPARED:
-            assert _close(ra[key], rb[key]), (ra["step"], key, ra[key], rb[key])
+            assert _close(key, ra[key], rb[key]), (ra["step"], key, ra[key], rb[key])
 
 
 # ----------------------------------------------------------------------------- two processes
@@ -125,7 +134,7 @@ def test_actor_stage_on_two_processes_logs_what_one_process_logs(tmp_path):
                NO_EVAL)
     for ra, rb in zip(_train_rows(one), _train_rows(single)[:2], strict=True):
         for key in (*COMPARED, "rollout/score_before"):
-            assert _close(ra[key], rb[key]), (ra["step"], key, ra[key], rb[key])
+            assert _close(key, ra[key], rb[key]), (ra["step"], key, ra[key], rb[key])
 
     _two_processes(multi, "--config.train.total_steps=2", NO_EVAL)
     want = _rows(single)
