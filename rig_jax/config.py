@@ -343,7 +343,7 @@ def _configured_main(main: Callable[[ml_collections.ConfigDict], Any], argv: Seq
     from rig_jax.parallel.mesh import maybe_initialize_distributed
     from rig_jax.runtime import apply_cpu_inline
 
-    apply_cpu_inline()   # RIG_CPU_INLINE=1: before any backend starts
+    apply_cpu_inline()   # rig_jax.runtime (RIG_CPU_INLINE): before any backend starts
     config = parse_config(argv, parser)
     if "distributed" in config:
         maybe_initialize_distributed(config.distributed)

@@ -1,6 +1,7 @@
-"""RIG_CPU_INLINE (rig_jax.runtime): off by default; on, a CPU executable's temp buffer stays in
-the heap between calls (measured as minor page faults per call in a child process), and a tool
-started with it runs CPU executables inline. Bad values and a late call are one-line errors."""
+"""RIG_CPU_INLINE (rig_jax.runtime): on, a CPU executable's temp buffer stays in the heap between
+calls (measured as minor page faults per call in a child process), and a tool started with it
+runs CPU executables inline; unset, it is on exactly when jax can only run on the CPU. Bad values
+and a forced late call are one-line errors."""
 import json
 import platform
 import subprocess
@@ -45,25 +46,45 @@ def measure(inline: str) -> dict:
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="the setting and the fault count are glibc's")
 def test_inline_keeps_the_temp_buffer_between_calls():
-    off, on = measure("0"), measure("1")
+    off, on, auto = measure("0"), measure("1"), measure("")     # tool_env: JAX_PLATFORMS=cpu
     assert not off["applied"] and off["async"] and off["faults"] > 10_000, off
     assert on["applied"] and not on["async"] and on["faults"] < 1_000, on
+    assert auto["applied"] and not auto["async"], auto
+
+
+@pytest.mark.parametrize("mode, platforms, accelerator, wanted", [
+    ("auto", "cpu", True, True),            # the user asked jax for the CPU only
+    ("auto", None, False, True),            # no TPU or GPU runtime installed
+    ("auto", None, True, False),            # jax may pick an accelerator: its host is left alone
+    ("auto", "cuda,cpu", False, False),
+    ("auto", "tpu", False, False),
+    ("1", "tpu", True, True),
+    ("0", "cpu", False, False),
+])
+def test_auto_is_on_when_jax_can_only_run_on_the_cpu(mode, platforms, accelerator, wanted):
+    assert runtime.cpu_inline_wanted(mode, platforms, accelerator) is wanted
+
+
+def test_unset_empty_and_auto_read_as_auto():
+    assert {runtime.cpu_inline_mode(env) for env in ({}, {"RIG_CPU_INLINE": ""},
+                                                      {"RIG_CPU_INLINE": "auto"})} == {"auto"}
 
 
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
 def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch, value):
     monkeypatch.setenv("RIG_CPU_INLINE", value)
-    with pytest.raises(ConfigError, match=rf"^RIG_CPU_INLINE: expected 0 or 1, got '{value}'$"):
+    with pytest.raises(ConfigError, match=rf"^RIG_CPU_INLINE: expected 0, 1 or auto, got '{value}'$"):
         runtime.apply_cpu_inline()
 
 
-def test_after_the_backend_started_it_is_refused(monkeypatch):
+def test_after_the_backend_started_a_forced_setting_is_refused(monkeypatch):
     jnp.zeros(1).block_until_ready()     # this process's CPU backend is up
     monkeypatch.setenv("RIG_CPU_INLINE", "1")
     with pytest.raises(ConfigError, match="already started"):
         runtime.apply_cpu_inline()
-    monkeypatch.setenv("RIG_CPU_INLINE", "0")
-    assert runtime.apply_cpu_inline() is False
+    for value in ("0", "auto"):          # auto cannot apply it any more and says so by its result
+        monkeypatch.setenv("RIG_CPU_INLINE", value)
+        assert runtime.apply_cpu_inline() is False
 
 
 def test_a_tool_applies_it_at_start():

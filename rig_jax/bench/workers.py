@@ -117,7 +117,7 @@ def pin_to_cores(threads: int) -> list[int]:
 def serve(side: str) -> None:
     """The worker loop of `side` ("rig_jax" | "torch") over stdin/stdout."""
     cores = pin_to_cores(int(os.environ.get("RIG_BENCH_THREADS", "1")))
-    # the tools' opt-in host setting (rig_jax.runtime), so the bench measures what they run
+    # the tools' host setting (rig_jax.runtime, RIG_CPU_INLINE), so the bench measures what they run
     cpu_inline = side == "rig_jax" and apply_cpu_inline()
     import numpy as np
     out = sys.stdout
