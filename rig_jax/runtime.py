@@ -6,7 +6,7 @@ a fresh mmap each step, faulted in (and zeroed) page by page: 32,000 faults a st
 actor-step bench, 99,000 on the train step (docs/benchmarks.md). With the setting on, jax runs
 CPU executables inline on the calling thread (`jax_cpu_enable_async_dispatch = False`), whose main
 arena grows by brk, and glibc's mmap threshold is raised to 1 GiB (trim threshold 2 GiB), so the
-freed buffer stays in the heap for the next call: the training-step benches 12-28 % less time, the
+freed buffer stays in the heap for the next call: the training-step benches take 12-28 % less time, the
 inference benches and the loop unchanged within their spread.
 
 `RIG_CPU_INLINE` is `auto` when unset: on when jax can only run on the CPU (`JAX_PLATFORMS` is
