@@ -65,6 +65,22 @@ def test_auto_is_on_when_jax_can_only_run_on_the_cpu(mode, platforms, accelerato
     assert runtime.cpu_inline_wanted(mode, platforms, accelerator) is wanted
 
 
+def test_libtpu_or_a_jax_plugin_counts_as_an_accelerator(monkeypatch):
+    import importlib.metadata
+    import importlib.util
+
+    found = {"libtpu": False, "plugin": False}
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name: object() if name == "libtpu" and found["libtpu"] else None)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group: ["xla_cuda12"] if group == "jax_plugins" and found["plugin"] else [])
+    assert runtime.accelerator_package_installed() is False
+    for kind in found:
+        found[kind] = True
+        assert runtime.accelerator_package_installed() is True, kind
+        found[kind] = False
+
+
 def test_unset_empty_and_auto_read_as_auto():
     assert {runtime.cpu_inline_mode(env) for env in ({}, {"RIG_CPU_INLINE": ""},
                                                       {"RIG_CPU_INLINE": "auto"})} == {"auto"}
