@@ -77,8 +77,10 @@ def apply_cpu_inline() -> bool:
             return False
         raise ConfigError(f"{ENV}=1: jax's backends are already started; set it before the first "
                           "jax computation (it is read at tool start)")
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    mallopt = getattr(libc, "mallopt", None)
+    try:
+        mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "mallopt", None)
+    except OSError:                      # no C library by that name (e.g. Windows)
+        mallopt = None
     if mallopt is None or not (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
                                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
         if mode == "auto":

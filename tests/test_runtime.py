@@ -103,6 +103,24 @@ def test_after_the_backend_started_a_forced_setting_is_refused(monkeypatch):
         assert runtime.apply_cpu_inline() is False
 
 
+def test_without_glibc_auto_does_nothing_and_a_forced_setting_is_one_line():
+    """A C library without mallopt (or none found, as on Windows): auto leaves jax as it is."""
+    probe = ("import ctypes\n"
+             "def missing(*args, **kwargs):\n    raise OSError('no libc')\n"
+             "ctypes.CDLL = missing\n"
+             "from rig_jax import runtime\nfrom rig_jax.errors import ConfigError\n"
+             "from jax._src import xla_bridge\n"
+             "try:\n    print(runtime.apply_cpu_inline(), xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)\n"
+             "except ConfigError as e:\n    print('error:', e)")
+    said = {}
+    for value in ("", "1"):
+        done = subprocess.run([sys.executable, "-c", probe], env=dict(tool_env(), RIG_CPU_INLINE=value),
+                              capture_output=True, text=True, timeout=120)
+        said[value] = done.stdout.strip()
+    assert said[""] == "False True", said
+    assert said["1"].startswith("error: RIG_CPU_INLINE=1 needs glibc's mallopt"), said
+
+
 def test_a_tool_applies_it_at_start():
     """Every tool's entry (`run_tool`) applies it before parsing the config: a tool whose config
     is refused has already switched jax to inline dispatch; the error is still one line."""
