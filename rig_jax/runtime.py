@@ -6,13 +6,14 @@ a fresh mmap each step, faulted in (and zeroed) page by page: 32,000 faults a st
 actor-step bench, 99,000 on the train step (docs/benchmarks.md). With the setting on, jax runs
 CPU executables inline on the calling thread (`jax_cpu_enable_async_dispatch = False`), whose main
 arena grows by brk, and glibc's mmap threshold is raised to 1 GiB (trim threshold 2 GiB), so the
-freed buffer stays in the heap for the next call: the training-step benches take 12-28 % less
-time, the inference benches are unchanged within their spread, the Generate-Reflect-Edit loop
-is 1-2 % slower (host work no longer overlaps XLA's).
+freed buffer stays in the heap for the next call. Measured: the training-step benches take 12-28 %
+less time, the inference benches are unchanged within their spread, but the Generate-Reflect-Edit
+loop is 1-2 % slower and the whole ShapesSG demo (rollout-heavy) 3 % slower, since host work no
+longer overlaps XLA's. Hence opt-in, for step-bound jobs such as pretraining and SFT on a CPU.
 
-`RIG_CPU_INLINE` is `auto` when unset: on when jax can only run on the CPU (`JAX_PLATFORMS` is
-`cpu`, or it is unset and no accelerator package, libtpu or a `jax_plugins` plugin, is
-installed), so a TPU or GPU host's allocator is left as it is; `1` forces it on, `0` off."""
+`RIG_CPU_INLINE`: unset, "" or `0` off; `1` on; `auto` on when jax can only run on the CPU
+(`JAX_PLATFORMS` is `cpu`, or it is unset and no accelerator package, libtpu or a `jax_plugins`
+plugin, is installed), so a profile can set it once and leave TPU and GPU hosts alone."""
 from __future__ import annotations
 
 import ctypes
@@ -31,12 +32,12 @@ _MMAP_THRESHOLD, _TRIM_THRESHOLD = 1 << 30, (1 << 31) - 1
 
 
 def cpu_inline_mode(environ: dict[str, str] | None = None) -> str:
-    """`RIG_CPU_INLINE` as "auto" (unset, "" or "auto"), "0" or "1"; anything else is a
+    """`RIG_CPU_INLINE` as "0" (unset, "" or "0"), "1" or "auto"; anything else is a
     one-line ConfigError naming the variable."""
     value = (os.environ if environ is None else environ).get(ENV, "")
     if value not in VALUES:
         raise ConfigError(f"{ENV}: expected 0, 1 or auto, got {value!r}")
-    return value or "auto"
+    return value or "0"
 
 
 def accelerator_package_installed() -> bool:

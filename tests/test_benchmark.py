@@ -32,8 +32,8 @@ def test_every_bench_with_its_peer_prints_json_lines(capsys):
         bench, unit = r["bench"], UNITS[r["bench"]]
         assert r["shape"] == "tiny" and r["batch"] >= 1 and r["dtype"] == "fp32" and r["repeats"] == 1
         assert r["backend"] == "cpu" and r["device"] and r["threads"] == 1 and r["unit"] == f"{unit}/s"
-        # RIG_CPU_INLINE unset is auto, on for the tests' CPU-only jax (tests/test_runtime.py)
-        assert r["cpu_inline"] is (os.environ.get("RIG_CPU_INLINE", "") != "0")
+        # RIG_CPU_INLINE: off unless 1, or auto (on for the tests' CPU-only jax, tests/test_runtime.py)
+        assert r["cpu_inline"] is (os.environ.get("RIG_CPU_INLINE", "") in ("1", "auto"))
         assert SIDE_FIELDS | {f"{unit}_per_s", "compile_s"} <= set(r["rig_jax"]), bench
         assert r["rig_jax"][f"{unit}_per_s"] > 0 and r["rig_jax"]["peak_rss_mib"] > 0
         assert r["rig_jax"]["peak_rss_scope"] == "bench"    # Linux: each bench's own peak

@@ -1,7 +1,7 @@
-"""RIG_CPU_INLINE (rig_jax.runtime): on, a CPU executable's temp buffer stays in the heap between
-calls (measured as minor page faults per call in a child process), and a tool started with it
-runs CPU executables inline; unset, it is on exactly when jax can only run on the CPU. Bad values
-and a forced late call are one-line errors."""
+"""RIG_CPU_INLINE (rig_jax.runtime): off by default; on, a CPU executable's temp buffer stays in
+the heap between calls (measured as minor page faults per call in a child process), and a tool
+started with it runs CPU executables inline; `auto` is on exactly when jax can only run on the
+CPU. Bad values and a forced late call are one-line errors."""
 import json
 import platform
 import subprocess
@@ -46,7 +46,7 @@ def measure(inline: str) -> dict:
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
                     reason="the setting and the fault count are glibc's")
 def test_inline_keeps_the_temp_buffer_between_calls():
-    off, on, auto = measure("0"), measure("1"), measure("")     # tool_env: JAX_PLATFORMS=cpu
+    off, on, auto = measure(""), measure("1"), measure("auto")     # tool_env: JAX_PLATFORMS=cpu
     assert not off["applied"] and off["async"] and off["faults"] > 10_000, off
     assert on["applied"] and not on["async"] and on["faults"] < 1_000, on
     assert auto["applied"] and not auto["async"], auto
@@ -81,9 +81,10 @@ def test_libtpu_or_a_jax_plugin_counts_as_an_accelerator(monkeypatch):
         found[kind] = False
 
 
-def test_unset_empty_and_auto_read_as_auto():
+def test_unset_and_empty_read_as_off():
     assert {runtime.cpu_inline_mode(env) for env in ({}, {"RIG_CPU_INLINE": ""},
-                                                      {"RIG_CPU_INLINE": "auto"})} == {"auto"}
+                                                      {"RIG_CPU_INLINE": "0"})} == {"0"}
+    assert runtime.cpu_inline_mode({"RIG_CPU_INLINE": "auto"}) == "auto"
 
 
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
@@ -113,11 +114,11 @@ def test_without_glibc_auto_does_nothing_and_a_forced_setting_is_one_line():
              "try:\n    print(runtime.apply_cpu_inline(), xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)\n"
              "except ConfigError as e:\n    print('error:', e)")
     said = {}
-    for value in ("", "1"):
+    for value in ("auto", "1"):
         done = subprocess.run([sys.executable, "-c", probe], env=dict(tool_env(), RIG_CPU_INLINE=value),
                               capture_output=True, text=True, timeout=120)
         said[value] = done.stdout.strip()
-    assert said[""] == "False True", said
+    assert said["auto"] == "False True", said
     assert said["1"].startswith("error: RIG_CPU_INLINE=1 needs glibc's mallopt"), said
 
 
