@@ -60,6 +60,13 @@ def cpu_inline_wanted(mode: str, platforms: str | None, accelerator_installed: b
     return not accelerator_installed
 
 
+def _cannot(mode: str, message: str) -> bool:
+    """`auto` quietly leaves things as they are; a forced `1` is a one-line error."""
+    if mode == "auto":
+        return False
+    raise ConfigError(f"{ENV}=1{message}")
+
+
 def apply_cpu_inline() -> bool:
     """Applies the setting when `RIG_CPU_INLINE` asks for it (module docstring), before jax
     starts its CPU backend; returns whether it did. `1` after the backend started is an error;
@@ -71,22 +78,19 @@ def apply_cpu_inline() -> bool:
     import jax
     from jax._src import xla_bridge
 
-    if not cpu_inline_wanted(mode, jax.config.jax_platforms, accelerator_package_installed()):
+    if mode == "auto" and not cpu_inline_wanted(mode, jax.config.jax_platforms,
+                                                accelerator_package_installed()):
         return False
     if xla_bridge.backends_are_initialized():
-        if mode == "auto":
-            return False
-        raise ConfigError(f"{ENV}=1: jax's backends are already started; set it before the first "
-                          "jax computation (it is read at tool start)")
+        return _cannot(mode, ": jax's backends are already started; set it before the first jax "
+                             "computation (it is read at tool start)")
     try:
         mallopt = getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "mallopt", None)
     except OSError:                      # no C library by that name (e.g. Windows)
         mallopt = None
     if mallopt is None or not (mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
                                and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)):
-        if mode == "auto":
-            return False
-        raise ConfigError(f"{ENV}=1 needs glibc's mallopt (M_MMAP_THRESHOLD up to 1 GiB); this "
-                          "C library refused it")
+        return _cannot(mode, " needs glibc's mallopt (M_MMAP_THRESHOLD up to 1 GiB); this C "
+                             "library refused it")
     jax.config.update("jax_cpu_enable_async_dispatch", False)
     return True
