@@ -111,3 +111,16 @@ def test_gpu_summary_reads_the_prepared_scripts_lines(tmp_path):
     lines = summary(str(tmp_path))
     assert "sampler vs torch.compile: 1.50x" in lines       # 6 img/s over 8 / 2.0 s
     assert "decode vs transformers: 5.25x" in lines
+
+
+def test_cpu_peak_follows_the_vector_extension_the_cores_have():
+    from rig_jax.bench import flops
+
+    assert flops.cpu_flops_per_cycle("fpu sse2 avx avx2 fma avx512f avx512bw") == (64, "AVX-512, 2 FMA ports")
+    assert flops.cpu_flops_per_cycle("fpu sse2 avx avx2 fma") == (32, "AVX2, 2 FMA ports")
+    assert flops.cpu_flops_per_cycle("fpu sse2")[0] == 8
+    peak, source = flops.device_peak("cpu", "cpu", "fp32", threads=2)
+    if peak:  # /proc/cpuinfo names a clock on this machine
+        per_cycle, extension = flops.cpu_flops_per_cycle()
+        assert peak == pytest.approx(2 * flops.cpu_ghz() * 1e9 * per_cycle)
+        assert extension in source

@@ -28,37 +28,60 @@ DEVICE_PEAKS: tuple[tuple[str, float, float], ...] = (
     ("TPU v6", 918.0, 918.0),
     ("TPU v4", 275.0, 275.0),
 )
-# A CPU core with AVX-512 and two FMA ports: 2 x 16 fp32 lanes x 2 FLOPs per cycle.
-CPU_FLOPS_PER_CYCLE = 64
+# fp32 FLOPs per cycle of one core with two FMA ports (2 ports x lanes x 2 FLOPs), by the
+# widest vector extension its /proc/cpuinfo flags name; without FMA, one add and one multiply.
+CPU_FLOPS_PER_CYCLE = (("avx512f", 64, "AVX-512, 2 FMA ports"), ("avx2", 32, "AVX2, 2 FMA ports"),
+                       ("sse2", 8, "SSE2, 1 add + 1 multiply"))
+
+
+def _cpuinfo_first_core() -> dict[str, str]:
+    """The first core's `key: value` lines of /proc/cpuinfo (empty when unreadable)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    return fields
 
 
 def cpu_ghz() -> float:
     """The nominal clock of this machine's first core (/proc/cpuinfo), 0 when unknown."""
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("cpu MHz"):
-                    return float(line.split(":")[1]) / 1000
-    except OSError:
-        pass
-    return 0.0
+        return float(_cpuinfo_first_core().get("cpu MHz", "0")) / 1000
+    except ValueError:
+        return 0.0
+
+
+def cpu_flops_per_cycle(flags: str | None = None) -> tuple[int, str]:
+    """(fp32 FLOPs per cycle per core, the extension it assumes) from the cpuinfo `flags`."""
+    present = set((_cpuinfo_first_core().get("flags", "") if flags is None else flags).split())
+    for flag, flops, name in CPU_FLOPS_PER_CYCLE:
+        if flag in present:
+            return flops, name
+    return CPU_FLOPS_PER_CYCLE[-1][1], CPU_FLOPS_PER_CYCLE[-1][2] + " (assumed: no flags read)"
 
 
 def device_peak(backend: str, device_kind: str, dtype: str, threads: int, override_tflops: float = 0.0
                 ) -> tuple[float, str]:
     """(peak FLOP/s, where it comes from) for `dtype` ("bf16" | "fp32") on one device.
 
-    CPU: `threads` cores x nominal GHz x 64 FLOPs/cycle (AVX-512 FMA on two ports, fp32; bf16
-    has no faster path in XLA:CPU, so the same). 0 when nothing is known."""
+    CPU: `threads` cores x nominal GHz x FLOPs/cycle of the widest vector extension the
+    cores have (`cpu_flops_per_cycle`: 64 with AVX-512, 32 with AVX2; fp32, and bf16 has no
+    faster path in XLA:CPU, so the same). 0 when nothing is known."""
     if override_tflops > 0:
         return override_tflops * 1e12, f"--config.peak_tflops={override_tflops}"
     if backend == "cpu":
         ghz = cpu_ghz()
         if not ghz:
             return 0.0, "unknown (no cpu MHz in /proc/cpuinfo)"
-        return (threads * ghz * 1e9 * CPU_FLOPS_PER_CYCLE,
-                f"{threads} core(s) x {ghz:.2f} GHz x {CPU_FLOPS_PER_CYCLE} FLOP/cycle "
-                "(AVX-512, 2 FMA ports)")
+        per_cycle, extension = cpu_flops_per_cycle()
+        return (threads * ghz * 1e9 * per_cycle,
+                f"{threads} core(s) x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({extension})")
     for name, bf16, fp32 in DEVICE_PEAKS:
         if name.lower() in device_kind.lower():
             peak = bf16 if dtype == "bf16" else fp32
