@@ -23,7 +23,7 @@ Fields left at None take the shape's value from `per_shape`; a value given must 
 """
 import ml_collections
 
-from configs import common
+from configs import common, shapes, shapes_train
 
 BENCHES = ("sampler", "inversion", "decode", "actor-step", "editor-step", "loop", "train-step")
 FAMILIES = {"sampler": "unet", "inversion": "unet", "editor-step": "unet", "train-step": "unet",
@@ -141,6 +141,13 @@ def get_config(variant: str = "sampler") -> ml_collections.ConfigDict:
     c.cache_dir = ""              # where the random models and inputs are saved; "": the temp dir
     c.compile_cache = ""          # a persistent XLA cache for the rig_jax worker ("": none; tests only)
     c.peak_tflops = 0.0           # the device peak for `mfu`; 0: the table in rig_jax/bench/flops.py
+    # The rig_jax worker's XLA:CPU host setting (rig_jax.runtime) per bench: that of the job whose
+    # step the bench times, so it measures what the tools run. train-step is pretraining's step
+    # (configs/shapes_train.py); the others run in the loop and the GRPO stages (configs/shapes.py).
+    # RIG_CPU_INLINE, when set, overrides them all.
+    loop_setting = shapes.get_config("demo").cpu_inline
+    c.worker_cpu_inline = ml_collections.ConfigDict({key(b): loop_setting for b in BENCHES})
+    c.worker_cpu_inline.train_step = shapes_train.get_config("diffuser").cpu_inline
     c.models = _shapes()
     c.per_shape = _per_shape()
     return c

@@ -22,6 +22,9 @@ def get_config(variant: str = "diffuser") -> ml_collections.ConfigDict:
     tiny = variant.endswith("_tiny")
     c = common.base()
     c.job = JOBS[variant.removesuffix("_tiny")]
+    # step-bound jobs: each step's temp buffer kept between steps (rig_jax.runtime) where jax can
+    # only use the CPU; docs/benchmarks.md measures the steps with and without it
+    c.cpu_inline = "auto"
     c.workdir = ""
     c.world = ml_collections.ConfigDict()
     c.world.image_size = 32

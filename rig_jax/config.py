@@ -343,8 +343,8 @@ def _configured_main(main: Callable[[ml_collections.ConfigDict], Any], argv: Seq
     from rig_jax.parallel.mesh import maybe_initialize_distributed
     from rig_jax.runtime import apply_cpu_inline
 
-    apply_cpu_inline()   # rig_jax.runtime (RIG_CPU_INLINE): before any backend starts
-    config = parse_config(argv, parser)
+    config = parse_config(argv, parser)    # reads config files only: no jax backend starts here
+    apply_cpu_inline(config.get("cpu_inline", "0"))   # rig_jax.runtime: before any backend starts
     if "distributed" in config:
         maybe_initialize_distributed(config.distributed)
     validate_config(config)

@@ -32,7 +32,8 @@ def test_every_bench_with_its_peer_prints_json_lines(capsys):
         bench, unit = r["bench"], UNITS[r["bench"]]
         assert r["shape"] == "tiny" and r["batch"] >= 1 and r["dtype"] == "fp32" and r["repeats"] == 1
         assert r["backend"] == "cpu" and r["device"] and r["threads"] == 1 and r["unit"] == f"{unit}/s"
-        # RIG_CPU_INLINE: off unless 1, or auto (on for the tests' CPU-only jax, tests/test_runtime.py)
+        # these benches' setting is the loop's and the GRPO stages' (off) unless RIG_CPU_INLINE
+        # says 1, or auto (on for the tests' CPU-only jax, tests/test_runtime.py)
         assert r["cpu_inline"] is (os.environ.get("RIG_CPU_INLINE", "") in ("1", "auto"))
         assert SIDE_FIELDS | {f"{unit}_per_s", "compile_s"} <= set(r["rig_jax"]), bench
         assert r["rig_jax"][f"{unit}_per_s"] > 0 and r["rig_jax"]["peak_rss_mib"] > 0
@@ -124,3 +125,54 @@ def test_cpu_peak_follows_the_vector_extension_the_cores_have():
         per_cycle, extension = flops.cpu_flops_per_cycle()
         assert peak == pytest.approx(2 * flops.cpu_ghz() * 1e9 * per_cycle)
         assert extension in source
+
+
+def test_train_step_runs_with_the_pretraining_jobs_host_setting(capsys):
+    """train-step times pretraining's step as rig-train runs it: configs/shapes_train.py's
+    `cpu_inline` (auto: on for the tests' CPU-only jax) unless RIG_CPU_INLINE says otherwise."""
+    for module in ("torch", "diffusers"):
+        pytest.importorskip(module)
+    benchmark.main(["train-step", "--peer", "--shape", "tiny", "--repeats", "1",
+                    f"--config.cache_dir={os.path.join(CACHE, 'benchmark_models')}",
+                    f"--config.compile_cache={os.path.join(CACHE, 'jax_bench_workers')}"])
+    (r,) = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert r["bench"] == "train-step" and r["peer"] == "torch" and r["parity"]["ok"], r
+    assert r["cpu_inline"] is (os.environ.get("RIG_CPU_INLINE", "") in ("", "1", "auto"))
+    assert r["summary"] == f"cpu train-step vs torch: {r['ratio']:.2f}x"
+
+
+def test_the_rig_jax_worker_restarts_only_when_the_setting_changes(monkeypatch):
+    from configs.benchmark import get_config
+    from rig_jax.bench import driver
+
+    started, closed = [], []
+
+    class FakeWorker:
+        def __init__(self, side, threads, device, compile_cache="", cpu_inline=""):
+            self.side, self.cpu_inline = side, cpu_inline
+            started.append((side, cpu_inline))
+
+        def close(self):
+            closed.append((self.side, self.cpu_inline))
+
+    monkeypatch.setattr(driver, "Worker", FakeWorker)
+    monkeypatch.delenv("RIG_CPU_INLINE", raising=False)
+    pair = driver.Pair(get_config("all"), "cpu", peer=True)
+    assert set(pair.for_bench("sampler")) == {"torch", "rig_jax"}
+    assert set(pair.for_bench("loop")) == {"rig_jax"}
+    assert set(pair.for_bench("train-step")) == {"torch", "rig_jax"}
+    assert started == [("torch", ""), ("rig_jax", "0"), ("rig_jax", "auto")]
+    assert closed == [("rig_jax", "0")]
+    monkeypatch.setenv("RIG_CPU_INLINE", "1")     # the variable overrides every bench's setting
+    pair.for_bench("sampler")
+    pair.for_bench("train-step")
+    assert started[3:] == [("rig_jax", "1")]
+    pair.close()
+
+
+def test_a_bad_worker_setting_is_one_line_naming_the_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["train-step", "--shape", "tiny", "--config.worker_cpu_inline.train_step=yes"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: worker_cpu_inline.train_step: expected 0, 1 or auto, got 'yes'")

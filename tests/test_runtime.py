@@ -1,11 +1,13 @@
-"""RIG_CPU_INLINE (rig_jax.runtime): off by default; on, a CPU executable's temp buffer stays in
-the heap between calls (measured as minor page faults per call in a child process), and a tool
+"""The XLA:CPU host setting (rig_jax.runtime): a config's `cpu_inline` (off by default, auto for
+the pretraining jobs), `RIG_CPU_INLINE` over it; on, a CPU executable's temp buffer stays in the
+heap between calls (measured as minor page faults per call in a child process), and a tool
 started with it runs CPU executables inline; `auto` is on exactly when jax can only run on the
 CPU. Bad values and a forced late call are one-line errors."""
 import json
 import platform
 import subprocess
 import sys
+import tempfile
 
 import jax.numpy as jnp
 import pytest
@@ -81,17 +83,23 @@ def test_libtpu_or_a_jax_plugin_counts_as_an_accelerator(monkeypatch):
         found[kind] = False
 
 
-def test_unset_and_empty_read_as_off():
-    assert {runtime.cpu_inline_mode(env) for env in ({}, {"RIG_CPU_INLINE": ""},
-                                                      {"RIG_CPU_INLINE": "0"})} == {"0"}
-    assert runtime.cpu_inline_mode({"RIG_CPU_INLINE": "auto"}) == "auto"
+def test_the_variable_overrides_the_config_field():
+    setting = runtime.cpu_inline_setting
+    assert {setting("0", env) for env in ({}, {"RIG_CPU_INLINE": ""})} == {("0", "cpu_inline")}
+    assert setting("", {}) == ("0", "cpu_inline")
+    assert setting("auto", {}) == ("auto", "cpu_inline")
+    assert setting("auto", {"RIG_CPU_INLINE": "0"}) == ("0", "RIG_CPU_INLINE")
+    assert setting("0", {"RIG_CPU_INLINE": "1"}) == ("1", "RIG_CPU_INLINE")
 
 
 @pytest.mark.parametrize("value", ["yes", "2", "true"])
-def test_a_bad_value_is_one_line_naming_the_variable(monkeypatch, value):
+def test_a_bad_value_is_one_line_naming_the_variable_or_the_field(monkeypatch, value):
     monkeypatch.setenv("RIG_CPU_INLINE", value)
     with pytest.raises(ConfigError, match=rf"^RIG_CPU_INLINE: expected 0, 1 or auto, got '{value}'$"):
         runtime.apply_cpu_inline()
+    monkeypatch.delenv("RIG_CPU_INLINE")
+    with pytest.raises(ConfigError, match=rf"^cpu_inline: expected 0, 1 or auto, got '{value}'$"):
+        runtime.apply_cpu_inline(value)
 
 
 def test_after_the_backend_started_a_forced_setting_is_refused(monkeypatch):
@@ -102,6 +110,10 @@ def test_after_the_backend_started_a_forced_setting_is_refused(monkeypatch):
     for value in ("0", "auto"):          # auto cannot apply it any more and says so by its result
         monkeypatch.setenv("RIG_CPU_INLINE", value)
         assert runtime.apply_cpu_inline() is False
+    monkeypatch.delenv("RIG_CPU_INLINE")
+    with pytest.raises(ConfigError, match=r"^cpu_inline=1: jax's backends are already started"):
+        runtime.apply_cpu_inline("1")
+    assert runtime.apply_cpu_inline("auto") is False
 
 
 def test_without_glibc_auto_does_nothing_and_a_forced_setting_is_one_line():
@@ -122,15 +134,30 @@ def test_without_glibc_auto_does_nothing_and_a_forced_setting_is_one_line():
     assert said["1"].startswith("error: RIG_CPU_INLINE=1 needs glibc's mallopt"), said
 
 
-def test_a_tool_applies_it_at_start():
-    """Every tool's entry (`run_tool`) applies it before parsing the config: a tool whose config
-    is refused has already switched jax to inline dispatch; the error is still one line."""
-    probe = ("import sys; from jax._src import xla_bridge; from rig_jax.tools import sample\n"
-             "try:\n    sample.main(['--config.no_such_field=1'])\n"
+def test_a_tool_applies_its_configs_setting_before_jax_starts():
+    """Every tool's entry (`run_tool`) applies the parsed config's `cpu_inline`, or
+    RIG_CPU_INLINE over it, before any jax computation: probed by a mesh the devices cannot
+    make, refused after the setting and before any work (exit 2, one line)."""
+    probe = ("import sys; from jax._src import xla_bridge; from rig_jax.tools import {tool}\n"
+             "try:\n    {tool}.main(sys.argv[1:] + ['--config.mesh.shape=(3, 1, 1)'])\n"
              "except SystemExit as e:\n"
              "    print(e.code, xla_bridge._CPU_ENABLE_ASYNC_DISPATCH.value)")
-    env = dict(tool_env(), RIG_CPU_INLINE="1")
-    done = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
-                          timeout=120)
-    assert done.stdout.split() == ["2", "False"], (done.stdout, done.stderr)
-    assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
+    cases = [  # (tool, argv, RIG_CPU_INLINE or None, inline expected)
+        ("sample", [], None, False),                                          # configs: 0
+        ("sample", ["--config.cpu_inline=1"], None, True),
+        ("train", ["--config=configs/shapes_train.py:diffuser_tiny", "--workdir", "{tmp}"], None, True),
+        ("train", ["--config=configs/shapes_train.py:diffuser_tiny", "--workdir", "{tmp}"], "0", False),
+        ("sample", [], "1", True),
+    ]
+    for tool, argv, variable, inline in cases:
+        env = tool_env()
+        env.pop("RIG_CPU_INLINE", None)
+        if variable is not None:
+            env["RIG_CPU_INLINE"] = variable
+        with tempfile.TemporaryDirectory() as tmp:
+            done = subprocess.run([sys.executable, "-c", probe.format(tool=tool),
+                                   *(a.format(tmp=tmp) for a in argv)],
+                                  env=env, capture_output=True, text=True, timeout=120)
+        case = (tool, argv, variable, done.stdout, done.stderr)
+        assert done.stdout.split() == ["2", str(not inline)], case
+        assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: mesh"), case

@@ -15,6 +15,7 @@ from rig_jax.bench import models
 from rig_jax.bench.flops import device_peak
 from rig_jax.bench.workers import Worker
 from rig_jax.errors import ConfigError
+from rig_jax.runtime import ENV
 
 UNITS = {"sampler": "images", "inversion": "images", "decode": "tokens", "actor-step": "steps",
          "editor-step": "steps", "train-step": "steps", "loop": "images"}
@@ -138,17 +139,32 @@ def parity(bench: str, paths: dict[str, str]) -> dict[str, Any]:
 
 
 class Pair:
-    """The workers of one run: rig_jax always, torch with `--peer`; kept across benches."""
+    """The workers of one run: rig_jax always, torch with `--peer`; kept across benches, except
+    that the rig_jax worker starts again when a bench's host setting (`worker_cpu_inline`)
+    differs from the one it was started with (it is applied before jax starts)."""
 
     def __init__(self, config: Any, device: str, peer: bool):
+        self.config, self.device = config, device
         self.workers: dict[str, Worker] = {}
         try:
             if peer:
                 self.workers["torch"] = Worker("torch", config.threads, device)
-            self.workers["rig_jax"] = Worker("rig_jax", config.threads, device, config.compile_cache)
         except BaseException:
             self.close()
             raise
+
+    def for_bench(self, bench: str) -> dict[str, Worker]:
+        """The workers for `bench`, the rig_jax one running with its host setting:
+        `RIG_CPU_INLINE` when set, else `config.worker_cpu_inline.<bench>`."""
+        setting = os.environ.get(ENV) or self.config.worker_cpu_inline[shape_key(bench)]
+        current = self.workers.get("rig_jax")
+        if current is None or current.cpu_inline != setting:
+            if current is not None:
+                del self.workers["rig_jax"]
+                current.close()
+            self.workers["rig_jax"] = Worker("rig_jax", self.config.threads, self.device,
+                                             self.config.compile_cache, setting)
+        return {side: w for side, w in self.workers.items() if side == "rig_jax" or bench in PEER_NAMES}
 
     def close(self) -> None:
         for w in self.workers.values():
@@ -160,7 +176,7 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
     then `repeats` rounds alternating the order, then outputs and memory."""
     spec = build_spec(config, bench, batch, device)
     repeats = per_shape(config, bench, "repeats")
-    workers = {side: w for side, w in pair.workers.items() if side == "rig_jax" or bench in PEER_NAMES}
+    workers = pair.for_bench(bench)
     ready = {side: w.ask("load", bench=bench, spec=spec) for side, w in workers.items()}
     sides = list(workers)
     wall: dict[str, list[float]] = {s: [] for s in sides}
