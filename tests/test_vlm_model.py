@@ -258,8 +258,8 @@ def test_config_from_hf_forms_and_errors(tiny):
 
 
 def test_cpu_hand_written_vjps_match_autodiff():
-    """The CPU training paths' custom VJPs (SwiGLU product, RMSNorm, narrowing matmul) give
-    autodiff's values and gradients of the plain formulas."""
+    """The CPU training paths' custom VJPs (SwiGLU product, RMSNorm, `cpu_matmul` with narrowing,
+    widening and square kernels) give autodiff's values and gradients of the plain formulas."""
     from rig_jax.models import layers
     r = np.random.default_rng(0)
     x = jnp.asarray(r.standard_normal((6, 40)), jnp.float32)
@@ -271,7 +271,9 @@ def test_cpu_hand_written_vjps_match_autodiff():
     cases = [
         (layers._silu_gate_cpu, lambda a, b: jax.nn.silu(a) * b, (x, up), g),
         (lambda a, s: layers._rms_norm_cpu(a, s, jnp.float32(1e-5)), rms, (x, scale), g),
-        (layers._narrowing_matmul, lambda a, k: a @ k, (x, kernel), g[:, :24]),
+        (layers.cpu_matmul, lambda a, k: a @ k, (x, kernel), g[:, :24]),
+        (layers.cpu_matmul, lambda a, k: a @ k, (x[:, :24], kernel.T), g),
+        (layers.cpu_matmul, lambda a, k: a @ k, (x, kernel @ kernel.T), g),
     ]
     for fast, plain, args, cot in cases:
         out, vjp = jax.vjp(fast, *args)
@@ -279,3 +281,10 @@ def test_cpu_hand_written_vjps_match_autodiff():
         np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
         for got, want in zip(vjp(cot)[:2], ref_vjp(cot), strict=True):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # float32 products of bfloat16 operands (the logits): cotangents in the operands' dtypes
+    xb, kb = x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16)
+    out, vjp = jax.vjp(lambda a, k: layers.cpu_matmul(a, k, jnp.float32), xb, kb)
+    grads = vjp(g[:, :24])
+    assert out.dtype == jnp.float32 and [a.dtype for a in grads] == [jnp.bfloat16, jnp.bfloat16]
+    np.testing.assert_allclose(np.asarray(grads[1], np.float32),
+                               np.asarray(xb, np.float32).T @ np.asarray(g[:, :24]), rtol=2e-2, atol=5e-2)

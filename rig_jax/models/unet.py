@@ -49,9 +49,11 @@ from rig_jax.models.layers import (
     ResnetBlock2D,
     Upsample2D,
     conv2d,
+    cpu_matmul,
     dense,
     flat_tokens_on_cpu,
     layer_norm,
+    single_cpu,
 )
 
 TOKEN_NAMES = ("batch", "length", "channels")
@@ -334,7 +336,11 @@ class _GegluProj(nn.Module):
         lead, half = x.shape[:-1], self.inner
         if flat_tokens_on_cpu(x):
             x = x.reshape(-1, x.shape[-1])
-        value, gate = x @ kernel[:, :half] + bias[:half], x @ kernel[:, half:] + bias[half:]
+        if single_cpu() and x.ndim == 2:
+            value, gate = cpu_matmul(x, kernel[:, :half]), cpu_matmul(x, kernel[:, half:])
+            value, gate = value + bias[:half], gate + bias[half:]
+        else:
+            value, gate = x @ kernel[:, :half] + bias[:half], x @ kernel[:, half:] + bias[half:]
         return value.reshape(*lead, half), gate.reshape(*lead, half)
 
 

@@ -22,7 +22,15 @@ import jax.numpy as jnp
 
 from rig_jax.errors import ConfigError
 from rig_jax.models.attention import dot_product_attention, heads_major_attention
-from rig_jax.models.layers import RMSNorm, activation, apply_rotary, dense, flat_tokens_on_cpu, silu_gate
+from rig_jax.models.layers import (
+    RMSNorm,
+    activation,
+    apply_rotary,
+    cpu_matmul,
+    dense,
+    flat_tokens_on_cpu,
+    silu_gate,
+)
 
 Cache = dict[str, jax.Array]
 
@@ -195,8 +203,7 @@ class TextModel(nn.Module):
         """Tied output projection: float32 logits against the token embeddings."""
         table = self.embed_tokens.embedding.astype(self.dtype)
         if flat_tokens_on_cpu(hidden):  # 2-D, as `Qwen25VL.logits`
-            flat = jnp.dot(hidden.reshape(-1, hidden.shape[-1]).astype(self.dtype), table.T,
-                           preferred_element_type=jnp.float32)
+            flat = cpu_matmul(hidden.reshape(-1, hidden.shape[-1]).astype(self.dtype), table.T, jnp.float32)
             return flat.reshape(*hidden.shape[:-1], flat.shape[-1])
         return jnp.einsum("bld,vd->blv", hidden.astype(self.dtype), table,
                           preferred_element_type=jnp.float32)

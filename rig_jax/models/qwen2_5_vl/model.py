@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.errors import ConfigError
-from rig_jax.models.layers import flat_tokens_on_cpu
+from rig_jax.models.layers import cpu_matmul, flat_tokens_on_cpu
 from rig_jax.models.qwen2_5_vl.lm import Cache, TextConfig, TextModel
 from rig_jax.models.qwen2_5_vl.vision import VisionConfig, VisionTransformer, vision_inputs
 
@@ -77,9 +77,10 @@ class Qwen25VL(nn.Module):
             return self.language_model.attend(hidden)
         if flat_tokens_on_cpu(hidden):
             # 2-D on one CPU device: XLA then forms lm_head's gradient from the logits'
-            # cotangent as it lies; with (B, L, D) it wrote that cotangent transposed first
-            flat = jnp.dot(hidden.reshape(-1, hidden.shape[-1]).astype(self.dtype),
-                           self.lm_head.astype(self.dtype), preferred_element_type=jnp.float32)
+            # cotangent as it lies (with (B, L, D) it wrote that cotangent transposed first),
+            # through YNNPACK (`cpu_matmul`)
+            flat = cpu_matmul(hidden.reshape(-1, hidden.shape[-1]).astype(self.dtype),
+                              self.lm_head.astype(self.dtype), jnp.float32)
             return flat.reshape(*hidden.shape[:-1], flat.shape[-1])
         return jnp.einsum("bld,dv->blv", hidden.astype(self.dtype), self.lm_head.astype(self.dtype),
                           preferred_element_type=jnp.float32)
