@@ -11,7 +11,8 @@ less time, the inference benches are unchanged within their spread, but the Gene
 loop is 1-2 % slower and the whole ShapesSG demo (rollout-heavy) 3 % slower, since host work no
 longer overlaps XLA's. Hence per job: the config field `cpu_inline` (every tool's, from
 configs/common.py) is `0` by default and `auto` for the pretraining and SFT jobs
-(configs/shapes_train.py: a diffuser pretraining step 26 % faster on an AMD EPYC).
+(configs/shapes_train.py: the Diffuser's pretraining 16-26 % more steps a second on an AMD
+EPYC, the Actor's SFT 6-9 %).
 
 Values: `0` off; `1` on; `auto` on when jax can only run on the CPU (`JAX_PLATFORMS` is `cpu`,
 or it is unset and no accelerator package, libtpu or a `jax_plugins` plugin, is installed), so
