@@ -429,4 +429,3 @@ def test_coordinate_channels_match_diffusers_given_the_ramps(tmp_path):
         module.apply({"params": params}, np.zeros((1, 8, 8, 6), np.float32), t[:1], ctx[:1])
     with pytest.raises(ConfigError, match="coordinate_channels=3 must be 0 or 2"):
         unet_config_from_diffusers({**json.loads(path.read_text()), "coordinate_channels": 3})
-
