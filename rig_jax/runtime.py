@@ -43,10 +43,15 @@ def cpu_inline_setting(configured: str = "0", environ: dict[str, str] | None = N
     the variable or the field."""
     value = (os.environ if environ is None else environ).get(ENV, "")
     source = ENV if value else FIELD
-    value = value or str(configured)
+    return checked_setting(value or str(configured), source), source
+
+
+def checked_setting(value: str, where: str) -> str:
+    """`value` as "0" | "1" | "auto" ("" reads as "0"); anything else is a one-line
+    ConfigError naming `where` (the variable or the config field it came from)."""
     if value not in VALUES:
-        raise ConfigError(f"{source}: expected 0, 1 or auto, got {value!r}")
-    return value or "0", source
+        raise ConfigError(f"{where}: expected 0, 1 or auto, got {value!r}")
+    return value or "0"
 
 
 def accelerator_package_installed() -> bool:

@@ -15,7 +15,7 @@ from rig_jax.bench import models
 from rig_jax.bench.flops import device_peak
 from rig_jax.bench.workers import Worker
 from rig_jax.errors import ConfigError
-from rig_jax.runtime import ENV
+from rig_jax.runtime import cpu_inline_setting
 
 UNITS = {"sampler": "images", "inversion": "images", "decode": "tokens", "actor-step": "steps",
          "editor-step": "steps", "train-step": "steps", "loop": "images"}
@@ -156,7 +156,7 @@ class Pair:
     def for_bench(self, bench: str) -> dict[str, Worker]:
         """The workers for `bench`, the rig_jax one running with its host setting:
         `RIG_CPU_INLINE` when set, else `config.worker_cpu_inline.<bench>`."""
-        setting = os.environ.get(ENV) or self.config.worker_cpu_inline[shape_key(bench)]
+        setting, _ = cpu_inline_setting(self.config.worker_cpu_inline[shape_key(bench)])
         current = self.workers.get("rig_jax")
         if current is None or current.cpu_inline != setting:
             if current is not None:

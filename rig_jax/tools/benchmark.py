@@ -41,6 +41,7 @@ def check_config(config: Any) -> tuple[str, ...]:
     """The benches to run, after every check that needs no work (one-line ConfigErrors)."""
     from rig_jax.bench import driver
     from rig_jax.bench.models import require
+    from rig_jax.runtime import checked_setting
 
     benches = ALL if config.bench == "all" else (config.bench,)
     if config.bench != "all" and config.bench not in BENCHES:
@@ -59,10 +60,8 @@ def check_config(config: Any) -> tuple[str, ...]:
             raise ConfigError(f"--batch: batch sizes must be integers >= 1, got {config.batch!r}")
     for bench in benches:
         driver.model_shape(config, bench)
-        setting = config.worker_cpu_inline[driver.shape_key(bench)]
-        if setting not in ("0", "1", "auto"):
-            raise ConfigError(f"worker_cpu_inline.{driver.shape_key(bench)}: expected 0, 1 or auto, "
-                              f"got {setting!r}")
+        field = driver.shape_key(bench)
+        checked_setting(config.worker_cpu_inline[field], f"worker_cpu_inline.{field}")
     if config.forward_only and any(b not in TRAINING for b in benches):
         raise ConfigError(f"--forward-only: only for the training benches ({', '.join(TRAINING)}), "
                           f"not {', '.join(b for b in benches if b not in TRAINING)}")
