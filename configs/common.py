@@ -35,12 +35,16 @@ def distributed() -> ml_collections.ConfigDict:
 
 
 def base() -> ml_collections.ConfigDict:
-    """Fields every job has: the seed, the CPU host setting, the mesh and multi-host start-up."""
+    """Fields every job has: the seed, the CPU host settings, the mesh and multi-host start-up."""
     c = ml_collections.ConfigDict()
     c.seed = 0
     # XLA:CPU host setting (rig_jax.runtime): 0 | 1 | auto (on when jax can only use the CPU);
     # RIG_CPU_INLINE overrides it. Off here: the rollout-heavy jobs ran 1-3 % slower with it.
     c.cpu_inline = "0"
+    # glibc's transparent-huge-page tunable (rig_jax.runtime): 0 | 1 | auto (on where jax can only
+    # use the CPU and the kernel's THP mode is madvise); RIG_CPU_HUGEPAGES overrides it. A tool
+    # started from the command line executes itself again with GLIBC_TUNABLES set.
+    c.cpu_hugepages = "auto"
     c.mesh = mesh()
     c.distributed = distributed()
     return c

@@ -339,12 +339,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: int | None =
 
 
 def _configured_main(main: Callable[[ml_collections.ConfigDict], Any], argv: Sequence[str],
-                     parser: SugarParser) -> Any:
+                     parser: SugarParser, command_line: bool = False) -> Any:
     from rig_jax.parallel.mesh import maybe_initialize_distributed
-    from rig_jax.runtime import apply_cpu_inline
+    from rig_jax.runtime import apply_cpu_hugepages, apply_cpu_inline
 
     config = parse_config(argv, parser)    # reads config files only: no jax backend starts here
-    apply_cpu_inline(config.get("cpu_inline", "0"))   # rig_jax.runtime: before any backend starts
+    # rig_jax.runtime, before any backend starts; the huge-page tunable may execute the process
+    # again, which only a command-line start (not a notebook or a test's call) can do
+    interactive = hasattr(sys, "ps1") or "ipykernel" in sys.modules
+    apply_cpu_hugepages(config.get("cpu_hugepages", "0"), restart=command_line and not interactive)
+    apply_cpu_inline(config.get("cpu_inline", "0"))
     if "distributed" in config:
         maybe_initialize_distributed(config.distributed)
     validate_config(config)
@@ -353,9 +357,11 @@ def _configured_main(main: Callable[[ml_collections.ConfigDict], Any], argv: Seq
 
 def run_tool(main: Callable[[ml_collections.ConfigDict], Any], argv: Sequence[str] | None,
              parser: SugarParser) -> Any:
-    """A tool's entry point: parse the config (`sys.argv[1:]` when `argv` is None), start
-    multi-host if configured, validate, run `main(config)`; a RigError anywhere ends in one
-    line and exit status 2."""
+    """A tool's entry point: parse the config (`sys.argv[1:]` when `argv` is None), apply the
+    host settings (rig_jax.runtime; started from the command line, `argv` None, a tool may
+    execute itself again with glibc's huge-page tunable), start multi-host if configured,
+    validate, run `main(config)`; a RigError anywhere ends in one line and exit status 2."""
     from rig_jax.cli import run_cli
 
-    return run_cli(_configured_main, main, sys.argv[1:] if argv is None else list(argv), parser)
+    return run_cli(_configured_main, main, sys.argv[1:] if argv is None else list(argv), parser,
+                   command_line=argv is None)

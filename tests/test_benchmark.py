@@ -28,6 +28,9 @@ def test_every_bench_with_its_peer_prints_json_lines(capsys):
                     f"--config.compile_cache={os.path.join(CACHE, 'jax_bench_workers')}"])
     records = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [r["bench"] for r in records] == list(benchmark.ALL)
+    from configs.benchmark import get_config
+    from rig_jax.bench import driver
+    hugepages = driver.worker_hugepages(get_config("all").worker_cpu_hugepages, "cpu", "worker_cpu_hugepages")
     for r in records:
         bench, unit = r["bench"], UNITS[r["bench"]]
         assert r["shape"] == "tiny" and r["batch"] >= 1 and r["dtype"] == "fp32" and r["repeats"] == 1
@@ -35,6 +38,7 @@ def test_every_bench_with_its_peer_prints_json_lines(capsys):
         # these benches' setting is the loop's and the GRPO stages' (off) unless RIG_CPU_INLINE
         # says 1, or auto (on for the tests' CPU-only jax, tests/test_runtime.py)
         assert r["cpu_inline"] is (os.environ.get("RIG_CPU_INLINE", "") in ("1", "auto"))
+        assert r["cpu_hugepages"] is hugepages     # the jobs' tunable; the peer as users run torch
         assert SIDE_FIELDS | {f"{unit}_per_s", "compile_s"} <= set(r["rig_jax"]), bench
         assert r["rig_jax"][f"{unit}_per_s"] > 0 and r["rig_jax"]["peak_rss_mib"] > 0
         assert r["rig_jax"]["peak_rss_scope"] == "bench"    # Linux: each bench's own peak
@@ -44,6 +48,7 @@ def test_every_bench_with_its_peer_prints_json_lines(capsys):
             assert r["prompts"] == r["batch"] and r["edits_per_run"] >= 0 and r["rig_jax"]["mfu"] is None
             continue
         assert r["model_flops_per_call"] > 0 and 0 < r["rig_jax"]["mfu"] < 1, bench
+        assert r["peer_cpu_hugepages"] is False
         assert r["peer"] == PEERS[bench] and SIDE_FIELDS | {f"{unit}_per_s"} <= set(r["torch"])
         assert r["ratio"] > 0 and len(r["per_round_ratio"]) == 1 and r["versions"]["torch"]
         assert r["summary"] == f"cpu {bench} vs {PEERS[bench]}: {r['ratio']:.2f}x"
@@ -148,7 +153,7 @@ def test_the_rig_jax_worker_restarts_only_when_the_setting_changes(monkeypatch):
     started, closed = [], []
 
     class FakeWorker:
-        def __init__(self, side, threads, device, compile_cache="", cpu_inline=""):
+        def __init__(self, side, threads, device, compile_cache="", cpu_inline="", hugepages=False):
             self.side, self.cpu_inline = side, cpu_inline
             started.append((side, cpu_inline))
 
@@ -176,3 +181,34 @@ def test_a_bad_worker_setting_is_one_line_naming_the_field(capsys):
     assert e.value.code == 2
     assert capsys.readouterr().err.strip() == (
         "error: worker_cpu_inline.train_step: expected 0, 1 or auto, got 'yes'")
+
+
+def test_the_workers_huge_page_tunable_follows_their_settings(monkeypatch):
+    """The rig_jax worker gets glibc's tunable as the jobs do (RIG_CPU_HUGEPAGES over the field);
+    the peer only when asked, whatever the driver's own environment holds."""
+    from rig_jax import runtime
+    from rig_jax.bench import driver, workers
+
+    monkeypatch.setattr(runtime, "thp_mode", lambda: "madvise")
+    monkeypatch.setattr(runtime, "glibc_version", lambda: (2, 36))
+    monkeypatch.setattr(runtime, "accelerator_package_installed", lambda: False)
+    monkeypatch.delenv("RIG_CPU_HUGEPAGES", raising=False)
+    assert driver.worker_hugepages("auto", "cpu", "worker_cpu_hugepages") is True
+    assert driver.worker_hugepages("auto", "gpu", "worker_cpu_hugepages") is False
+    monkeypatch.setenv("RIG_CPU_HUGEPAGES", "0")
+    assert driver.worker_hugepages("auto", "cpu", "worker_cpu_hugepages") is False
+    assert driver.worker_hugepages("1", "cpu", "peer_cpu_hugepages", variable_overrides=False) is True
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1:glibc.malloc.arena_max=2")
+    assert workers.worker_env(1, "cpu", hugepages=False)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+    assert workers.worker_env(1, "cpu", hugepages=True)["GLIBC_TUNABLES"] == (
+        "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+    monkeypatch.setattr(runtime, "thp_mode", lambda: "never")
+    with pytest.raises(runtime.ConfigError, match=r"^peer_cpu_hugepages=1: transparent huge pages are off"):
+        driver.worker_hugepages("1", "cpu", "peer_cpu_hugepages", variable_overrides=False)
+
+
+def test_a_bad_huge_page_setting_is_one_line_naming_the_field(capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmark.main(["sampler", "--shape", "tiny", "--config.peer_cpu_hugepages=on"])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip() == "error: peer_cpu_hugepages: expected 0, 1 or auto, got 'on'"

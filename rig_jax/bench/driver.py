@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from rig_jax import runtime
 from rig_jax.bench import models
 from rig_jax.bench.flops import device_peak
 from rig_jax.bench.workers import Worker
@@ -138,17 +139,36 @@ def parity(bench: str, paths: dict[str, str]) -> dict[str, Any]:
     return out
 
 
+def worker_hugepages(configured: str, device: str, field: str, variable_overrides: bool = True) -> bool:
+    """Whether a worker on `device` runs with glibc's huge-page tunable: `configured` (the
+    config's `field`; `RIG_CPU_HUGEPAGES` over it when `variable_overrides`, as for the tools)
+    decided for the worker's environment."""
+    mode, source = (runtime.cpu_hugepages_setting(configured) if variable_overrides
+                    else (runtime.checked_setting(configured, field), runtime.HUGEPAGES_FIELD))
+    env = {"JAX_PLATFORMS": "cpu"} if device == "cpu" else {}
+    try:
+        return runtime.hugepages_wanted(mode, env, runtime.thp_mode(), runtime.glibc_version(),
+                                        device != "cpu" or runtime.accelerator_package_installed())
+    except ConfigError as e:
+        where = field if source == runtime.HUGEPAGES_FIELD else source
+        raise ConfigError(str(e).replace("cpu_hugepages", where, 1)) from None
+
+
 class Pair:
     """The workers of one run: rig_jax always, torch with `--peer`; kept across benches, except
     that the rig_jax worker starts again when a bench's host setting (`worker_cpu_inline`)
-    differs from the one it was started with (it is applied before jax starts)."""
+    differs from the one it was started with (it is applied before jax starts). Each side's
+    huge-page tunable (`worker_cpu_hugepages`, `peer_cpu_hugepages`) is fixed for the run."""
 
     def __init__(self, config: Any, device: str, peer: bool):
         self.config, self.device = config, device
         self.workers: dict[str, Worker] = {}
+        self.hugepages = worker_hugepages(config.worker_cpu_hugepages, device, "worker_cpu_hugepages")
+        peer_hugepages = peer and worker_hugepages(config.peer_cpu_hugepages, device, "peer_cpu_hugepages",
+                                                   variable_overrides=False)
         try:
             if peer:
-                self.workers["torch"] = Worker("torch", config.threads, device)
+                self.workers["torch"] = Worker("torch", config.threads, device, hugepages=peer_hugepages)
         except BaseException:
             self.close()
             raise
@@ -163,7 +183,7 @@ class Pair:
                 del self.workers["rig_jax"]
                 current.close()
             self.workers["rig_jax"] = Worker("rig_jax", self.config.threads, self.device,
-                                             self.config.compile_cache, setting)
+                                             self.config.compile_cache, setting, self.hugepages)
         return {side: w for side, w in self.workers.items() if side == "rig_jax" or bench in PEER_NAMES}
 
     def close(self) -> None:
@@ -215,7 +235,7 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
         "bench": bench, "shape": spec["shape"], "batch": batch, "dtype": dtype,
         "backend": jax_ready["backend"], "device": jax_ready["device"], "jax": jax_ready["jax"],
         "threads": config.threads, "repeats": repeats, "unit": f"{unit}/s",
-        "cpu_inline": bool(jax_ready.get("cpu_inline")),
+        "cpu_inline": bool(jax_ready.get("cpu_inline")), "cpu_hugepages": jax_ready["cpu_hugepages"],
         **{k: spec[k] for k in ("steps", "trained_steps", "prompt_len", "new_tokens") if spec.get(k)},
         **({"guidance": spec["guidance"]} if bench in ("sampler", "editor-step") else {}),
         **({"forward_only": True} if spec["forward_only"] else {}),
@@ -237,7 +257,8 @@ def measure(pair: Pair, config: Any, bench: str, batch: int, device: str) -> dic
         ratio = statistics.median(ratios)
         torch_ready, ours, theirs = ready["torch"], sides_record["rig_jax"], sides_record["torch"]
         record.update(
-            peer=PEER_NAMES[bench], torch=theirs, ratio=round(ratio, 4),
+            peer=PEER_NAMES[bench], peer_cpu_hugepages=torch_ready["cpu_hugepages"], torch=theirs,
+            ratio=round(ratio, 4),
             ratio_of_medians=round(theirs["median_s"] / ours["median_s"], 4),
             ratio_of_mins=round(theirs["min_s"] / ours["min_s"], 4),
             cpu_s_ratio=round(theirs["median_cpu_s"] / ours["median_cpu_s"], 4),

@@ -20,22 +20,26 @@ from typing import Any
 
 from rig_jax.bench.flops import cpu_seconds, peak_rss_mib, reset_peak_rss
 from rig_jax.errors import RigError
-from rig_jax.runtime import ENV, apply_cpu_inline
+from rig_jax.runtime import ENV, TUNABLE, apply_cpu_inline, with_hugepages
 
 WORKER = "import sys; from rig_jax.bench.workers import serve; serve(sys.argv[1])"
 
 
-def worker_env(threads: int, device: str, compile_cache: str = "", cpu_inline: str = "") -> dict[str, str]:
+def worker_env(threads: int, device: str, compile_cache: str = "", cpu_inline: str = "",
+               hugepages: bool = False) -> dict[str, str]:
     """Both workers' environment. CPU: `threads` for torch's OpenMP/MKL and XLA's pool (and the
     cores each worker is pinned to: `pin_to_cores`), one host device; with one thread XLA's
     Eigen pool is off too, so no worker spins while it waits (CPU seconds count work only).
     GPU: each side may take under half the card's memory; TPU: rig_jax alone. `cpu_inline`:
-    the rig_jax worker's `RIG_CPU_INLINE` (rig_jax.runtime), when not empty."""
+    the rig_jax worker's `RIG_CPU_INLINE` (rig_jax.runtime), when not empty; `hugepages`: glibc's
+    huge-page tunable in `GLIBC_TUNABLES` or, False, taken out of it (the driver's own process
+    may have it: a tool started from the command line adds it)."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                RIG_BENCH_THREADS=str(threads),
                TF_CPP_MIN_LOG_LEVEL="3", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     if cpu_inline:
         env[ENV] = cpu_inline
+    env = with_hugepages(env, hugepages)
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
     if compile_cache:
         env.update(JAX_COMPILATION_CACHE_DIR=compile_cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
@@ -92,6 +96,7 @@ class _Side:
             self.call = run
             ready.update(info, **peers.device_info(spec))
             self.peak = lambda: peers.device_peak_mib(spec)
+        ready["cpu_hugepages"] = TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
         t0 = time.perf_counter()
         self.last = self.call()
         ready["first_call_s"] = time.perf_counter() - t0
@@ -163,12 +168,13 @@ class Worker:
     """The driver's handle on one worker process; a worker that dies or crashes is a
     RuntimeError with its stderr tail, a RigError inside it the same RigError here."""
 
-    def __init__(self, side: str, threads: int, device: str, compile_cache: str = "", cpu_inline: str = ""):
+    def __init__(self, side: str, threads: int, device: str, compile_cache: str = "", cpu_inline: str = "",
+                 hugepages: bool = False):
         self.side, self.cpu_inline = side, cpu_inline
         self.stderr = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-c", WORKER, side], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True,
-                                     env=worker_env(threads, device, compile_cache, cpu_inline))
+                                     env=worker_env(threads, device, compile_cache, cpu_inline, hugepages))
         self.read()
 
     def _tail(self) -> str:

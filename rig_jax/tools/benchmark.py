@@ -62,6 +62,8 @@ def check_config(config: Any) -> tuple[str, ...]:
         driver.model_shape(config, bench)
         field = driver.shape_key(bench)
         checked_setting(config.worker_cpu_inline[field], f"worker_cpu_inline.{field}")
+    for field in ("worker_cpu_hugepages", "peer_cpu_hugepages"):
+        checked_setting(config[field], field)
     if config.forward_only and any(b not in TRAINING for b in benches):
         raise ConfigError(f"--forward-only: only for the training benches ({', '.join(TRAINING)}), "
                           f"not {', '.join(b for b in benches if b not in TRAINING)}")
