@@ -148,9 +148,9 @@ def get_config(variant: str = "sampler") -> ml_collections.ConfigDict:
     loop_setting = shapes.get_config("demo").cpu_inline
     c.worker_cpu_inline = ml_collections.ConfigDict({key(b): loop_setting for b in BENCHES})
     c.worker_cpu_inline.train_step = shapes_train.get_config("diffuser").cpu_inline
-    # glibc's huge-page tunable (rig_jax.runtime) for the rig_jax worker, as every job has it
-    # (RIG_CPU_HUGEPAGES overrides it); the peer runs as a user would run torch, without it
-    # unless asked (1: the same memory treatment for both sides)
+    # glibc's huge-page tunable (rig_jax.runtime) for the rig_jax worker, as the jobs have it (off;
+    # RIG_CPU_HUGEPAGES overrides it); the peer runs as a user would run torch, without it unless
+    # asked (1: the same memory treatment for both sides)
     c.worker_cpu_hugepages = shapes.get_config("demo").cpu_hugepages
     c.peer_cpu_hugepages = "0"
     c.models = _shapes()

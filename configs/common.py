@@ -43,8 +43,10 @@ def base() -> ml_collections.ConfigDict:
     c.cpu_inline = "0"
     # glibc's transparent-huge-page tunable (rig_jax.runtime): 0 | 1 | auto (on where jax can only
     # use the CPU and the kernel's THP mode is madvise); RIG_CPU_HUGEPAGES overrides it. A tool
-    # started from the command line executes itself again with GLIBC_TUNABLES set.
-    c.cpu_hugepages = "auto"
+    # started from the command line executes itself again with GLIBC_TUNABLES set. Off: it sped
+    # the GRPO stages' updates 20-30 % on one VM and slowed their rollouts 75 % on another
+    # (docs/benchmarks.md), so it is an opt-in.
+    c.cpu_hugepages = "0"
     c.mesh = mesh()
     c.distributed = distributed()
     return c

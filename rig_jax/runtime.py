@@ -19,18 +19,20 @@ or it is unset and no accelerator package, libtpu or a `jax_plugins` plugin, is 
 TPU and GPU hosts are left alone. `RIG_CPU_INLINE`, when set and not empty, overrides the
 config's field for every tool.
 
-The second setting, `cpu_hugepages` (`RIG_CPU_HUGEPAGES` over it; same values, `auto` by default
-for every tool), keeps async dispatch and makes those fresh pages cheap instead: glibc's tunable
+The second setting, `cpu_hugepages` (`RIG_CPU_HUGEPAGES` over it; same values, `0` by default
+for every tool), keeps async dispatch and makes those fresh pages cheaper instead: glibc's tunable
 `glibc.malloc.hugetlb=1` has malloc advise transparent huge pages (`MADV_HUGEPAGE`) for the
 memory it maps, so a 100 MiB temp buffer costs ~50 faults of 2 MiB instead of 25,000 of 4 KiB.
 glibc reads its tunables only when a process starts, so a tool started from the command line
 with the setting wanted and `GLIBC_TUNABLES` without it executes itself again at once (same pid,
 arguments and environment plus the tunable), before any jax computation. `auto` applies it where
 jax can only use the CPU, glibc is 2.35 or newer and the kernel's THP mode is `madvise` (with
-`always` large mappings get huge pages anyway; with `never` there are none). Measured on the AMD
-EPYC (docs/benchmarks.md): the GRPO stages' updates 20-30 % faster (stage 2's 8.2 s -> 6.5 s),
-the pretraining step 1.50 -> 1.26 s with async dispatch (1.23 s inline, which pretraining keeps),
-inference unchanged. Jobs run in-process (a notebook, a test calling `main([...])`) are left as
+`always` large mappings get huge pages anyway; with `never` there are none). It is off by
+default because its effect depends on the host (docs/benchmarks.md): on an AMD EPYC VM the GRPO
+stages' updates ran 20-30 % faster with it, on the VM of 2026-12-02 06:10 UTC the kernel's
+synchronous compaction made stage 2's rollouts 75 % slower, and where a VM's balloon reports
+free pages to the host, memory freed in 2 MiB blocks and reused seconds later is faulted in
+again from the host. Jobs run in-process (a notebook, a test calling `main([...])`) are left as
 they are; `1` there is a one-line error saying how to set the tunable."""
 from __future__ import annotations
 

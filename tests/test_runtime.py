@@ -3,7 +3,7 @@ the pretraining jobs), `RIG_CPU_INLINE` over it; on, a CPU executable's temp buf
 heap between calls (measured as minor page faults per call in a child process), and a tool
 started with it runs CPU executables inline; `auto` is on exactly when jax can only run on the
 CPU. Bad values and a forced late call are one-line errors. The second setting, `cpu_hugepages`
-(auto by default), runs a command-line tool with glibc's huge-page tunable (it executes itself
+(off by default), runs a command-line tool with glibc's huge-page tunable (it executes itself
 again with it): the same temp buffer then costs a few 2 MiB faults instead of 4 KiB ones."""
 import json
 import platform
@@ -218,28 +218,30 @@ def test_the_thp_mode_is_the_bracketed_word(tmp_path):
 @pytest.mark.skipif(not THP_USABLE or runtime.thp_mode() != "madvise",
                     reason="auto applies the tunable only where the THP mode is madvise")
 def test_a_command_line_tool_executes_itself_again_with_the_tunable():
-    """`sample.main()` (argv None: a command-line start) comes back in the same process with
-    GLIBC_TUNABLES set, before any jax computation (the mesh error is its config's check after
-    the settings); called with an argv list (a notebook, a test) it is left as it is, and a
-    forced 1 there says how to set the tunable."""
+    """With the setting `auto`, `sample.main()` (argv None: a command-line start) comes back in
+    the same process with GLIBC_TUNABLES set, before any jax computation (the mesh error is its
+    config's check after the settings); by default (off), or called with an argv list (a
+    notebook, a test), it is left as it is, and a forced 1 there says how to set the tunable."""
     probe = ("import os, sys\nprint('start', os.getpid(), flush=True)\n"
              "from rig_jax.tools import sample\n"
              "try:\n    sample.main({argv})\n"
              "except SystemExit as e:\n"
              "    print('end', os.getpid(), e.code, os.environ.get('GLIBC_TUNABLES', ''))")
     mesh = "--config.mesh.shape=(3, 1, 1)"
-    cases = [  # (argv in the probe, RIG_CPU_HUGEPAGES, starts seen, tunable at the end)
-        ("", None, 2, True), ("", "0", 1, False), (f"[{mesh!r}]", None, 1, False)]
-    for argv, variable, starts, tunable in cases:
+    field = "--config.cpu_hugepages=auto"
+    cases = [  # (argv in the probe, RIG_CPU_HUGEPAGES, command line, starts seen, tunable at the end)
+        ("", "auto", [mesh], 2, True), ("", None, [mesh, field], 2, True), ("", None, [mesh], 1, False),
+        ("", "0", [mesh, field], 1, False), (f"[{mesh!r}]", "auto", [], 1, False)]
+    for argv, variable, command_line, starts, tunable in cases:
         env = runtime.with_hugepages(tool_env(), False)
         env.pop("RIG_CPU_HUGEPAGES", None)
         if variable is not None:
             env["RIG_CPU_HUGEPAGES"] = variable
-        done = subprocess.run([sys.executable, "-c", probe.format(argv=argv), mesh], env=env,
+        done = subprocess.run([sys.executable, "-c", probe.format(argv=argv), *command_line], env=env,
                               capture_output=True, text=True, timeout=120)
         lines = done.stdout.split("\n")
         pids = {line.split()[1] for line in lines if line.startswith(("start", "end"))}
-        case = (argv, variable, done.stdout, done.stderr)
+        case = (argv, variable, command_line, done.stdout, done.stderr)
         assert sum(line.startswith("start") for line in lines) == starts and len(pids) == 1, case
         end = next(line for line in lines if line.startswith("end")).split()
         assert end[2] == "2" and (runtime.TUNABLE in end[3:]) is tunable, case
