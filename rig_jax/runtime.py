@@ -65,7 +65,7 @@ def cpu_inline_setting(configured: str = "0", environ: dict[str, str] | None = N
     return _setting(ENV, FIELD, configured, environ)
 
 
-def cpu_hugepages_setting(configured: str = "auto", environ: dict[str, str] | None = None
+def cpu_hugepages_setting(configured: str = "0", environ: dict[str, str] | None = None
                           ) -> tuple[str, str]:
     """`cpu_inline_setting` for `RIG_CPU_HUGEPAGES` over the config's `cpu_hugepages`."""
     return _setting(HUGEPAGES_ENV, HUGEPAGES_FIELD, configured, environ)
@@ -176,17 +176,17 @@ def with_hugepages(environ: dict[str, str], on: bool) -> dict[str, str]:
     return env
 
 
-def hugepages_wanted(mode: str, environ: dict[str, str], thp: str | None,
-                     glibc: tuple[int, ...] | None, accelerator_installed: bool) -> bool:
+def hugepages_wanted(mode: str, environ: dict[str, str], thp: str | None, glibc: tuple[int, ...] | None,
+                     accelerator_installed: bool, source: str = HUGEPAGES_FIELD) -> bool:
     """Whether a process started with `environ` should run with the tunable (module docstring);
-    a forced `1` that this machine cannot honour is a one-line ConfigError."""
+    a forced `1` that this machine cannot honour is a one-line ConfigError naming `source`."""
     if mode == "0":
         return False
     if glibc is None or glibc < (2, 35) or thp in (None, "never"):
         why = (f"transparent huge pages are off here ({THP_ENABLED}: {thp or 'absent'})"
                if glibc and glibc >= (2, 35) else "needs glibc 2.35 or newer (glibc.malloc.hugetlb)")
         if mode == "1":
-            raise ConfigError(f"cpu_hugepages=1: {why}")
+            raise ConfigError(f"{source}=1: {why}")
         return False
     if mode == "1":
         return True
@@ -194,19 +194,15 @@ def hugepages_wanted(mode: str, environ: dict[str, str], thp: str | None,
                                                   accelerator_installed)
 
 
-def apply_cpu_hugepages(configured: str = "auto", restart: bool = False) -> bool:
+def apply_cpu_hugepages(configured: str = "0", restart: bool = False) -> bool:
     """Runs the process with glibc's huge-page tunable when the setting (`RIG_CPU_HUGEPAGES`, else
     the config's `cpu_hugepages`) wants it: returns True when it is already in effect; executes
     this process again with the tunable when `restart` (a command-line tool, before any jax
     computation); else leaves things as they are (a forced `1` is then a one-line error)."""
     mode, source = cpu_hugepages_setting(configured)
     environ = dict(os.environ)
-    try:
-        wanted = hugepages_wanted(mode, environ, thp_mode(), glibc_version(),
-                                  accelerator_package_installed() if mode == "auto" else False)
-    except ConfigError as e:
-        raise ConfigError(str(e).replace("cpu_hugepages", source, 1)) from None
-    if not wanted:
+    if not hugepages_wanted(mode, environ, thp_mode(), glibc_version(),
+                            accelerator_package_installed() if mode == "auto" else False, source):
         return False
     if TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":"):
         return True

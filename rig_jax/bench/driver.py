@@ -146,12 +146,9 @@ def worker_hugepages(configured: str, device: str, field: str, variable_override
     mode, source = (runtime.cpu_hugepages_setting(configured) if variable_overrides
                     else (runtime.checked_setting(configured, field), runtime.HUGEPAGES_FIELD))
     env = {"JAX_PLATFORMS": "cpu"} if device == "cpu" else {}
-    try:
-        return runtime.hugepages_wanted(mode, env, runtime.thp_mode(), runtime.glibc_version(),
-                                        device != "cpu" or runtime.accelerator_package_installed())
-    except ConfigError as e:
-        where = field if source == runtime.HUGEPAGES_FIELD else source
-        raise ConfigError(str(e).replace("cpu_hugepages", where, 1)) from None
+    return runtime.hugepages_wanted(mode, env, runtime.thp_mode(), runtime.glibc_version(),
+                                    device != "cpu" or runtime.accelerator_package_installed(),
+                                    field if source == runtime.HUGEPAGES_FIELD else source)
 
 
 class Pair:
