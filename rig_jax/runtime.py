@@ -176,6 +176,11 @@ def with_hugepages(environ: dict[str, str], on: bool) -> dict[str, str]:
     return env
 
 
+def hugepages_active(environ: dict[str, str] | None = None) -> bool:
+    """Whether `environ` (this process's by default) carries the huge-page tunable."""
+    return TUNABLE in (os.environ if environ is None else environ).get("GLIBC_TUNABLES", "").split(":")
+
+
 def hugepages_wanted(mode: str, environ: dict[str, str], thp: str | None, glibc: tuple[int, ...] | None,
                      accelerator_installed: bool, source: str = HUGEPAGES_FIELD) -> bool:
     """Whether a process started with `environ` should run with the tunable (module docstring);
@@ -204,7 +209,7 @@ def apply_cpu_hugepages(configured: str = "0", restart: bool = False) -> bool:
     if not hugepages_wanted(mode, environ, thp_mode(), glibc_version(),
                             accelerator_package_installed() if mode == "auto" else False, source):
         return False
-    if TUNABLE in environ.get("GLIBC_TUNABLES", "").split(":"):
+    if hugepages_active(environ):
         return True
     if restart and "jax" in sys.modules:
         from jax._src import xla_bridge

@@ -143,8 +143,7 @@ def worker_hugepages(configured: str, device: str, field: str, variable_override
     """Whether a worker on `device` runs with glibc's huge-page tunable: `configured` (the
     config's `field`; `RIG_CPU_HUGEPAGES` over it when `variable_overrides`, as for the tools)
     decided for the worker's environment."""
-    mode, source = (runtime.cpu_hugepages_setting(configured) if variable_overrides
-                    else (runtime.checked_setting(configured, field), runtime.HUGEPAGES_FIELD))
+    mode, source = runtime.cpu_hugepages_setting(configured, None if variable_overrides else {})
     env = {"JAX_PLATFORMS": "cpu"} if device == "cpu" else {}
     return runtime.hugepages_wanted(mode, env, runtime.thp_mode(), runtime.glibc_version(),
                                     device != "cpu" or runtime.accelerator_package_installed(),

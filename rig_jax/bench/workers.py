@@ -20,7 +20,7 @@ from typing import Any
 
 from rig_jax.bench.flops import cpu_seconds, peak_rss_mib, reset_peak_rss
 from rig_jax.errors import RigError
-from rig_jax.runtime import ENV, TUNABLE, apply_cpu_inline, with_hugepages
+from rig_jax.runtime import ENV, apply_cpu_inline, hugepages_active, with_hugepages
 
 WORKER = "import sys; from rig_jax.bench.workers import serve; serve(sys.argv[1])"
 
@@ -96,7 +96,7 @@ class _Side:
             self.call = run
             ready.update(info, **peers.device_info(spec))
             self.peak = lambda: peers.device_peak_mib(spec)
-        ready["cpu_hugepages"] = TUNABLE in os.environ.get("GLIBC_TUNABLES", "").split(":")
+        ready["cpu_hugepages"] = hugepages_active()
         t0 = time.perf_counter()
         self.last = self.call()
         ready["first_call_s"] = time.perf_counter() - t0
