@@ -239,3 +239,39 @@ def test_entry_points_exit_2_with_one_line(tmp_path):
     _one_line_error(_run("rig_jax.tools.train", "--config=configs/shapes_train.py:vae_tiny",
                          f"--workdir={tmp_path / 'w'}", "--config.distributed.enabled=True", cwd=ROOT),
                     "distributed.enabled", "coordinator_address")
+
+
+def test_a_world_the_models_were_not_trained_on_is_refused(tmp_path):
+    """The GRPO jobs read the world a ShapesSG model records (shapes_config.json) and refuse
+    prompts from another one, naming the field and the file; a range inside the trained one,
+    a folder without the file and LAION-SG prompts pass."""
+    import json
+
+    from configs import shapes_grpo
+    from rig_jax.rl.environment import WORLD_FILE, check_trained_world
+
+    config = shapes_grpo.get_config("reflection")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    check_trained_world(str(folder), "actor.path", config)            # no file: nothing to check
+    record = {"world": {"image_size": 32, "min_objects": 2, "max_objects": 3,
+                        "colours": list(config.world.colours), "shapes": list(config.world.shapes)}}
+    (folder / WORLD_FILE).write_text(json.dumps(record))
+    check_trained_world(str(folder), "actor.path", config)            # 2 objects, inside 2-3
+    cases = {("max_objects", 4): ("world.min_objects/max_objects", "2-4", "2-3"),
+             ("image_size", 64): ("world.image_size", "64"),
+             ("colours", ("red", "green")): ("world.colours", "['red', 'green']")}
+    for (key, value), needles in cases.items():
+        bad = shapes_grpo.get_config("reflection")
+        bad.world[key] = value
+        with pytest.raises(ConfigError) as info:
+            check_trained_world(str(folder), "actor.path", bad)
+        message = str(info.value)
+        assert "\n" not in message and "actor.path" in message and str(folder / WORLD_FILE) in message
+        for needle in needles:
+            assert needle in message, message
+    bad.prompts.source = "laion_sg"
+    check_trained_world(str(folder), "actor.path", bad)               # LAION-SG: no world to match
+    (folder / WORLD_FILE).write_text(json.dumps({"sampler": {}}))
+    with pytest.raises(ConfigError, match="no 'world' section"):
+        check_trained_world(str(folder), "diffuser.path", config)

@@ -91,6 +91,34 @@ def prompt_source(config: Any) -> ShapesPrompts | LaionPrompts:
 
 # ----------------------------------------------------------------------------- models
 
+WORLD_FILE = "shapes_config.json"        # written beside a ShapesSG model by rig-train's export
+
+
+def check_trained_world(folder: str, field: str, config: Any) -> None:
+    """Refuses ShapesSG prompts from a world the model at `folder` was not trained on (its
+    `shapes_config.json`): a 2-object Actor's question budget or a Diffuser's vocabulary would
+    otherwise fail deep inside a rollout, or silently measure the wrong thing. Folders without
+    the file (SD, Qwen2.5-VL checkpoints) and LAION-SG prompts are not checked."""
+    path = os.path.join(folder, WORLD_FILE)
+    if config.prompts.source != "shapes" or not os.path.isfile(path):
+        return
+    trained = read_json(path).get("world")
+    if not isinstance(trained, dict):
+        raise ConfigError(f"{path}: no 'world' section ({field}'s model)")
+    w = config.world
+    for key in ("image_size", "colours", "shapes"):
+        want = list(w[key]) if isinstance(w[key], (tuple, list)) else w[key]
+        if key not in trained or trained[key] != want:
+            raise ConfigError(f"world.{key}: {want} is not the {trained.get(key)} that {field}'s model was "
+                              f"trained on ({path})")
+    lo, hi = trained.get("min_objects"), trained.get("max_objects")
+    if not isinstance(lo, int) or not isinstance(hi, int):
+        raise ConfigError(f"{path}: world.min_objects / max_objects missing ({field}'s model)")
+    if w.min_objects < lo or w.max_objects > hi:
+        raise ConfigError(f"world.min_objects/max_objects: {w.min_objects}-{w.max_objects} objects lie "
+                          f"outside the {lo}-{hi} that {field}'s model was trained on ({path})")
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Environment:
     """The frozen parts around the policy being trained, placed on the mesh."""
@@ -173,6 +201,9 @@ def build_judge(config: Any, world: shapes.ShapesConfig | None, mesh: Any, rules
 def build_environment(config: Any, mesh: Any, rules: LogicalRules, need_judge: bool = False) -> Environment:
     """Loads the Diffuser (and the Editor's weights when `editor_weights` is set), the Checker,
     the prompts and, with `need_judge`, the Judge."""
+    check_trained_world(config.diffuser.path, "diffuser.path", config)
+    if config.editor_weights:
+        check_trained_world(config.editor_weights, "editor_weights", config)
     dtype = compute_dtype(config.diffuser.dtype)
     pipe, params = load_diffuser(config.diffuser.path, "diffuser.path", dtype, mesh, rules)
     editor_params = params

@@ -23,7 +23,7 @@ import numpy as np
 from rig_jax.errors import ConfigError
 from rig_jax.models.lora import apply_lora, init_lora, merge_lora
 from rig_jax.rig.actor import GRID_KEY, ActorSettings, VLMActor, static_grid, token_logprobs
-from rig_jax.rl.environment import actor_temperature, compute_dtype, repeat_each
+from rig_jax.rl.environment import actor_temperature, check_trained_world, compute_dtype, repeat_each
 from rig_jax.rl.learner import (
     RolloutClock,
     choose_prompts,
@@ -53,6 +53,7 @@ def load_actor(config: Any, mesh: Any, rules: Any, trainable: bool = True) -> tu
     path = config.actor.path
     if not path or not os.path.isfile(os.path.join(path, "config.json")):
         raise ConfigError(f"actor.path: {path or '(empty)'} is not a Qwen2.5-VL folder (no config.json)")
+    check_trained_world(path, "actor.path", config)
     dtype = compute_dtype(config.actor.dtype)
     pipe, host = load_vlm_pipeline(path, dtype, jnp.float32 if trainable else dtype)
     placed = jax.tree.map(lambda x, s: jax.device_put(x, s), host, actor_shardings(pipe, mesh, rules))
