@@ -246,18 +246,28 @@ def parse_config(argv: Sequence[str], parser: SugarParser) -> ml_collections.Con
         flag = f"{parser.flag_of(dest)} (sugar flag)"
         set_field(config, dest, value, source, flag)
         set_by[dest] = flag
+    set_by.update(apply_overrides(config, overrides, spec, module))
+    check_config(config, module, set_by)
+    config.lock()
+    return config
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[tuple[str, str]], spec: str,
+                    module: Any = None) -> dict[str, str]:
+    """Sets each `(field, raw value)` of `split_argv`'s `--config.*` list on `config` (loaded from
+    `spec`), typed as the field it replaces; returns {field: the flag that set it}."""
+    source = resolve_config_path(spec.partition(":")[0])
+    set_by = {}
     for key, raw in overrides:
         flag = f"--{CONFIG_FLAG}.{key}={raw}"
         if key == "variant":
             file = spec.partition(":")[0]
             raise ConfigError(f"{flag}: the variant is chosen by --{CONFIG_FLAG}={file}:VARIANT, not "
-                              f"overridden{_variants_hint(module, '')}")
+                              f"overridden{_variants_hint(module, '') if module else ''}")
         parent, name = _field(config, key, source)
         set_field(config, key, parse_value(raw, parent[name], flag), source, flag)
         set_by[key] = flag
-    check_config(config, module, set_by)
-    config.lock()
-    return config
+    return set_by
 
 
 # Fields where a negative number has no meaning (a seed, a noise scale, DDIM's eta, a CFG

@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import time
+
+from rig_jax.config import split_argv
 
 FIRST_INDEX = 5_000      # scene indices from here (any index is a training scene; this run's are fixed)
 
@@ -28,21 +31,25 @@ def main() -> None:
     parser.add_argument("--eta", type=float, default=0.0, help="the edit's DDIM eta (stage 1: 0)")
     parser.add_argument("--guidance", type=float, default=None, help="edit guidance (default: the config's)")
     parser.add_argument("--strength", type=float, default=None, help="edit strength (default: the config's)")
-    parser.add_argument("--config", default="configs/shapes.py:demo")
     parser.add_argument("--batch", type=int, default=8, help="images edited per call")
-    args = parser.parse_args()
+    parser.epilog = ("Config: --config=FILE.py:VARIANT (default configs/shapes.py:demo) and "
+                     "--config.a.b=VALUE overrides (another Diffuser or world, say).")
+    spec, overrides, rest = split_argv(sys.argv[1:])
+    args = parser.parse_args(rest)
 
     import jax
     import numpy as np
 
-    from rig_jax.config import load_config_file
+    from rig_jax.config import apply_overrides, load_config_file
     from rig_jax.data.edit_forms import ACTOR_FORMS, edit_text, graph_triplets
     from rig_jax.parallel import mesh_context
     from rig_jax.rl.environment import build_environment
     from rig_jax.rl.rollout import generate_images, group_edit
     from rig_jax.tools.train import stage_config
 
-    config = load_config_file(args.config)
+    spec = spec or "configs/shapes.py:demo"
+    config = load_config_file(spec)
+    apply_overrides(config, overrides, spec)
     config.workdir = "/nonexistent/edit_forms_probe"    # stage_config needs one; nothing is written
     stage1 = stage_config(config, "grpo_actor", {})
     forms = [*ACTOR_FORMS, "empty"]
@@ -55,7 +62,9 @@ def main() -> None:
         graphs = env.prompts.graphs({"index": np.arange(args.prompts) + FIRST_INDEX})
         images = generate_images(env.pipe, env.diffuser_params, graphs, env.sampler, jax.random.PRNGKey(123),
                                  mesh, rules)
-        wrong = [i for i, c in enumerate(env.checker.check(images, graphs)) if c.score < 1]
+        drawn = env.checker.check(images, graphs)
+        wrong = [i for i, c in enumerate(drawn) if c.score < 1]
+        before = float(np.mean([drawn[i].score for i in wrong]))
         wrong_graphs = [graphs[i] for i in wrong]
         texts = [edit_text(f, graph_triplets(g), g.prompt()) if f != "empty" else ""
                  for g in wrong_graphs for f in forms]
@@ -70,7 +79,8 @@ def main() -> None:
         scores = np.array([c.score for c in after]).reshape(len(wrong), len(forms))
     print(f"{args.prompts} training-seed prompts (indices {FIRST_INDEX}-{FIRST_INDEX + args.prompts - 1}), "
           f"{len(wrong)} drawn wrong; edit strength {edit.strength}, eta {sampler.eta}, guidance "
-          f"{sampler.guidance_scale}, {sampler.num_steps} steps; {time.perf_counter() - start:.0f} s")
+          f"{sampler.guidance_scale}, {sampler.num_steps} steps; {time.perf_counter() - start:.0f} s; "
+          f"their mean S before the edit {before:.3f}")
     print("| form | fixed | mean S after |\n| --- | ---: | ---: |")
     for j, form in enumerate(forms):
         print(f"| {form} | {int((scores[:, j] == 1).sum())} / {len(wrong)} | {scores[:, j].mean():.3f} |")
