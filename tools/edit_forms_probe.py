@@ -89,4 +89,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from rig_jax.errors import RigError
+
+    try:
+        main()
+    except RigError as e:                # a bad flag or field: one line, as the package's tools
+        sys.exit(f"error: {e}")
