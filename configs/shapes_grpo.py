@@ -103,6 +103,10 @@ def get_config(variant: str = "actor") -> ml_collections.ConfigDict:
     c.rl.lora.rank = 4
     c.rl.lora.alpha = 4.0
     c.rl.lora.targets = ()                     # per stage (stage_fields): the VLM's or the U-Net's attention
+    c.step = ml_collections.ConfigDict()
+    c.step.compute_dtype = "float32"
+    c.step.ema_decay = 0.0
+    c.step.micro_batches = 1                   # > 1: an update's rows in parts, gradients accumulated
     stage(c, "actor" if base_variant != "editor" else "editor")
 
     c.loop = ml_collections.ConfigDict()
@@ -118,9 +122,6 @@ def get_config(variant: str = "actor") -> ml_collections.ConfigDict:
     c.train.max_bad_steps = 5
     c.train.progress = not tiny
 
-    c.step = ml_collections.ConfigDict()
-    c.step.compute_dtype = "float32"
-    c.step.ema_decay = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.seed = 90_003
@@ -195,14 +196,16 @@ def leaves(section: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 def stage_fields(name: str) -> dict:
     """What differs between the stages (nested like the config): the loss, the reward, the KL
-    weight, the editor's eta and the learning rate."""
+    weight, the editor's eta, the learning rate and the update's micro-batches."""
     if name == "actor":
         return {"rl": {"loss": "grpo_token", "reward": "checker_delta", "kl_beta": 0.04,
                        "lora": {"targets": (r".*self_attn/[qkvo]_proj/kernel",)}},
-                "editor": {"sampler": {"eta": 0.0}}, "optimizer": {"learning_rate": 1e-4}}
+                "editor": {"sampler": {"eta": 0.0}}, "optimizer": {"learning_rate": 1e-4},
+                "step": {"micro_batches": 1}}        # its batches cannot be split (token positions)
     return {"rl": {"loss": "ppo_diffusion", "reward": "checker_score", "kl_beta": 0.01,
                    "lora": {"targets": (r".*attn[12]/to_(q|k|v|out_0)/kernel",)}},
-            "editor": {"sampler": {"eta": 1.0}}, "optimizer": {"learning_rate": 3e-5}}
+            "editor": {"sampler": {"eta": 1.0}}, "optimizer": {"learning_rate": 3e-5},
+            "step": {"micro_batches": 1}}            # > 1: opt-in (docs/benchmarks.md, step.micro_batches)
 
 
 def merge(c: ml_collections.ConfigDict, fields: dict) -> None:

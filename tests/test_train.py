@@ -323,3 +323,50 @@ def test_shapes_tokenizer_is_the_same_in_every_process_and_warm_starts_reuse_the
     assert json.loads(open(os.path.join(folder, "vocab.json")).read()) == {"marker": 0}
     with pytest.raises(ConfigError, match=r"has no tokenizer/vocab\.json"):
         tokenizer_folder(str(tmp_path / "run2"), shapes.ShapesConfig(), 16, str(tmp_path / "nothing"))
+
+
+def test_micro_batches_average_the_parts_gradients():
+    """step.micro_batches = 2 or 4 splits the rows, scans their gradients and gives the step of the
+    whole batch for a per-row mean loss; a count that does not divide the rows, or below 1, is a
+    one-line error naming the field."""
+    from rig_jax.errors import ConfigError
+
+    rows = np.random.default_rng(0).normal(size=(8, 3)).astype(np.float32)
+    batch = {"x": jnp.asarray(rows), "y": jnp.asarray(rows @ np.array([1.0, -2.0, 0.5], np.float32))}
+
+    def loss_fn(params, frozen, b, rng):
+        err = b["x"] @ params["w"] - b["y"]
+        return jnp.mean(jnp.square(err)), {"max_err": jnp.max(jnp.abs(err))}
+
+    def run(parts):
+        tx = make_optimizer(OptimizerSettings(learning_rate=0.1, clip_norm=10.0))
+        state = create_state({"w": jnp.zeros(3)}, tx, 0, use_ema=False)
+        step = jax.jit(make_train_step(loss_fn, tx, StepSettings(micro_batches=parts)))
+        state, metrics = step(state, None, batch)
+        return np.asarray(state.params["w"]), {k: float(v) for k, v in metrics.items()}
+
+    whole, metrics = run(1)
+    for parts in (2, 4):
+        w, m = run(parts)
+        np.testing.assert_allclose(w, whole, rtol=1e-6, atol=1e-7)
+        assert m["loss"] == pytest.approx(metrics["loss"], rel=1e-6)
+        assert m["grad_norm"] == pytest.approx(metrics["grad_norm"], rel=1e-6)
+    with pytest.raises(ConfigError, match=r"step.micro_batches: 3 does not divide the rows .* \(8, 3\)"):
+        run(3)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match=r"step\.micro_batches: must be an integer >= 1"):
+            StepSettings(micro_batches=bad)
+
+
+def test_micro_batches_only_for_jobs_whose_rows_are_first(tmp_path):
+    """A job whose batches hold token positions or image patches on axis 0 (rows_first False)
+    refuses step.micro_batches > 1 before it touches its workdir."""
+    from rig_jax.errors import ConfigError
+    from rig_jax.train.loop import LoopSettings, TrainJob, run_training
+
+    job = TrainJob(name="grpo_actor", init_params=None, loss_fn=None,
+                   optimizer=OptimizerSettings(learning_rate=1e-3), step=StepSettings(micro_batches=2),
+                   dataset=None)
+    with pytest.raises(ConfigError, match=r"step\.micro_batches: grpo_actor's batches do not all hold"):
+        run_training(job, LoopSettings(total_steps=1), str(tmp_path / "w"), None, None, 0)
+    assert not (tmp_path / "w").exists()

@@ -152,6 +152,6 @@ def build_grpo_editor_job(config: Any, workdir: str, mesh: Any, rules: Any) -> T
         warm_start=None if lora else (lambda: jax.tree.map(np.asarray, base["unet"])),
         optimizer=OptimizerSettings.from_config(config.optimizer), step=StepSettings(**config.step),
         dataset=lambda: env.prompts.dataset(group.candidates), frozen=frozen, rollout=rollout,
-        host_state=counts, export=export,
+        host_state=counts, export=export, rows_first=True,    # (N, ...) latents, steps, conditions
         evaluate=loop_evaluator(config, workdir, env, actor, lambda s: actor_params,
                                 lambda s: current(s.params)))

@@ -68,6 +68,8 @@ class TrainJob:
     # until all are used (checkpoints fall between rollouts, so a resume replays none of them).
     rollout: Callable[[TrainState, Any, int], tuple[list[Any], Mapping[str, float]]] | None = None
     host_state: dict[str, Any] | None = None     # the job's host-side statistics, checkpointed
+    # every batch entry holds the batch's rows on axis 0, so `step.micro_batches` may split them
+    rows_first: bool = False
 
 
 def check_workdir(workdir: str, field: str = "--workdir") -> None:
@@ -138,6 +140,9 @@ def run_training(job: TrainJob, settings: LoopSettings, workdir: str, mesh: Mesh
                  seed: int) -> tuple[TrainState, dict[str, Any]]:
     """Trains `job` to `settings.total_steps`, resuming from `workdir` when it holds a checkpoint.
     Returns the final state and the last logged metrics."""
+    if job.step.micro_batches > 1 and not job.rows_first:
+        raise ConfigError(f"step.micro_batches: {job.name}'s batches do not all hold their rows on axis 0 "
+                          f"(token positions, image patches), so they are not split; leave it at 1")
     check_workdir(workdir)
     state, shardings, optimizer = init_state(job, seed, mesh, rules)
     checkpointer = TrainCheckpointer(workdir, settings.keep_checkpoints, settings.async_checkpoints)
