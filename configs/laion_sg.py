@@ -139,6 +139,11 @@ def get_config(variant: str = "sd15_qwen3b") -> ml_collections.ConfigDict:
     c.rl.lora.rank = 2 if tiny else 16
     c.rl.lora.alpha = 2.0 * c.rl.lora.rank
     c.rl.lora.targets = ()                     # per stage (stage_fields)
+    c.step = ml_collections.ConfigDict()
+    # The trained LoRA factors stay float32; the models compute in their own dtype (bf16 above).
+    c.step.compute_dtype = "float32"
+    c.step.ema_decay = 0.0
+    c.step.micro_batches = 1                   # per stage (stage_fields)
     stage(c, "actor" if prefix != "editor_" else "editor")
 
     c.loop = ml_collections.ConfigDict()
@@ -153,11 +158,6 @@ def get_config(variant: str = "sd15_qwen3b") -> ml_collections.ConfigDict:
     c.train.keep_checkpoints = 2 if tiny else 3
     c.train.max_bad_steps = 5
     c.train.progress = not tiny
-
-    c.step = ml_collections.ConfigDict()
-    # The trained LoRA factors stay float32; the models compute in their own dtype (bf16 above).
-    c.step.compute_dtype = "float32"
-    c.step.ema_decay = 0.0
 
     c.eval = ml_collections.ConfigDict()
     c.eval.seed = 90_003
@@ -179,10 +179,12 @@ def stage_fields(name: str) -> dict:
         return {"rl": {"loss": "grpo_token", "reward": "checker_delta", "kl_beta": 0.04,
                        "lora": {"targets": (ACTOR_LORA,)}},
                 # [choice] DeepSeekMath's full-model 1e-6 raised for a rank-16 update
-                "editor": {"sampler": {"eta": 0.0}}, "optimizer": {"learning_rate": 1e-5}}
+                "editor": {"sampler": {"eta": 0.0}}, "optimizer": {"learning_rate": 1e-5},
+                "step": {"micro_batches": 1}}
     return {"rl": {"loss": "ppo_diffusion", "reward": "checker_score", "kl_beta": 0.01,
                    "lora": {"targets": (EDITOR_LORA,)}},
-            "editor": {"sampler": {"eta": 1.0}}, "optimizer": {"learning_rate": 3e-4}}
+            "editor": {"sampler": {"eta": 1.0}}, "optimizer": {"learning_rate": 3e-4},
+            "step": {"micro_batches": 1}}
 
 
 def stage(c: ml_collections.ConfigDict, name: str) -> None:
