@@ -122,7 +122,6 @@ def get_config(variant: str = "actor") -> ml_collections.ConfigDict:
     c.train.max_bad_steps = 5
     c.train.progress = not tiny
 
-
     c.eval = ml_collections.ConfigDict()
     c.eval.seed = 90_003
     c.eval.num_prompts = 4 if tiny else 64      # 0: no held-out evaluation

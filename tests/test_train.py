@@ -326,7 +326,7 @@ def test_shapes_tokenizer_is_the_same_in_every_process_and_warm_starts_reuse_the
 
 
 def test_micro_batches_average_the_parts_gradients():
-    """step.micro_batches = 2 or 4 splits the rows, scans their gradients and gives the step of the
+    """step.micro_batches = 2 or 4 splits the rows, averages their gradients and gives the step of the
     whole batch for a per-row mean loss; a count that does not divide the rows, or below 1, is a
     one-line error naming the field."""
     from rig_jax.errors import ConfigError

@@ -43,7 +43,7 @@ def loop(spec: dict[str, Any], data: dict[str, np.ndarray]) -> JaxTask:
 
     diffuser, actor_dir = _repo_path(spec["diffuser"]), _repo_path(spec["actor"])
     dtype = {"bf16": jnp.bfloat16, "fp32": jnp.float32}[spec["dtype"]]
-    described = _read(diffuser, "shapes_config.json")
+    described = _read(diffuser, shapes.WORLD_FILE)
     world = shapes.ShapesConfig(**{k: tuple(v) if isinstance(v, list) else v
                                    for k, v in described["world"].items()})
     sampler = SamplerSettings(**{**described["sampler"], "num_steps": spec["steps"]})

@@ -50,6 +50,7 @@ SHAPES = ("circle", "square", "triangle")
 PREDICATES = ("left of", "right of", "above", "below")
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 COLOUR_ONLY_LABEL = "object"
+WORLD_FILE = "shapes_config.json"   # the world a ShapesSG model was trained on, beside its files
 REFERENCE_SIZE = 32   # the image size the pixel defaults below are given for
 
 

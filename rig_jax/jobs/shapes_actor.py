@@ -29,6 +29,7 @@ import numpy as np
 
 from rig_jax.data import edit_forms, shapes
 from rig_jax.data.scene_graph import Triplet
+from rig_jax.data.shapes import WORLD_FILE
 from rig_jax.errors import ConfigError, DataError
 from rig_jax.jobs import actor_text
 from rig_jax.jobs.shapes_diffuser import world_from_config
@@ -39,7 +40,6 @@ from rig_jax.vlm import prompts
 from rig_jax.vlm.processor import ImageProcessorConfig, prepare_batch, smart_resize
 from rig_jax.weights.io import write_json
 
-WORLD_FILE = "shapes_config.json"
 GENERATION_FILE = "generation_config.json"
 EXPORT_DIR = "actor"
 CORRUPTIONS = ("violate", "drop", "reshape")

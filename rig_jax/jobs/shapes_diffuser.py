@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rig_jax.data import edit_forms, shapes
-from rig_jax.data.shapes import world_from_config
+from rig_jax.data.shapes import WORLD_FILE, world_from_config
 from rig_jax.errors import ConfigError
 from rig_jax.eval.scene_graph_iou import score_record
 from rig_jax.jobs import shapes_text
@@ -37,7 +37,6 @@ from rig_jax.train.data import host_global_batches
 from rig_jax.train.loop import TrainJob, TrainState
 from rig_jax.weights.io import read_json, write_json
 
-WORLD_FILE = "shapes_config.json"
 TEXT_LAYER = "last"
 
 

@@ -20,6 +20,7 @@ import numpy as np
 
 from rig_jax.data import shapes
 from rig_jax.data.scene_graph import SceneGraph
+from rig_jax.data.shapes import WORLD_FILE
 from rig_jax.diffusion.settings import EditSettings, SamplerSettings
 from rig_jax.errors import ConfigError
 from rig_jax.parallel.rules import LogicalRules
@@ -90,9 +91,6 @@ def prompt_source(config: Any) -> ShapesPrompts | LaionPrompts:
 
 
 # ----------------------------------------------------------------------------- models
-
-WORLD_FILE = "shapes_config.json"        # written beside a ShapesSG model by rig-train's export
-
 
 def check_trained_world(folder: str, field: str, config: Any) -> None:
     """Refuses ShapesSG prompts from a world the model at `folder` was not trained on (its

@@ -33,8 +33,8 @@ class StepSettings:
 
     compute_dtype: str = "float32"      # float32 | bfloat16 | float16
     ema_decay: float = 0.0              # 0: no EMA params
-    # > 1: the batch's rows split into this many parts, their gradients averaged in a lax.scan,
-    # so one part's activations are alive at a time (gradient accumulation inside one step)
+    # > 1: the batch's rows split into this many parts, unrolled in the one step, their gradients
+    # averaged (gradient accumulation inside one step: less live memory per U-Net call)
     micro_batches: int = 1
 
     def __post_init__(self) -> None:
