@@ -9,7 +9,8 @@ arena grows by brk, and glibc maps no chunk with mmap and never trims the heap (
 `M_TRIM_THRESHOLD` -1), so a freed buffer of any size stays in the heap for the next call; the
 process keeps its high-water mark of memory until it exits. (Until 2026-12-06 the mmap threshold
 was raised to 1 GiB instead, which still faulted in stage 2's 4.7 GiB update buffer every step.)
-Measured: the training-step benches take 12-28 % less time, the inference benches are unchanged within their spread, but the Generate-Reflect-Edit
+Measured: the training-step benches take 12-28 % less time, the inference benches are
+unchanged within their spread, but the Generate-Reflect-Edit
 loop is 1-2 % slower and the whole ShapesSG demo (rollout-heavy) 3 % slower, since host work no
 longer overlaps XLA's. Hence per job: the config field `cpu_inline` (every tool's, from
 configs/common.py) is `0` by default and `auto` for the pretraining and SFT jobs
