@@ -10,10 +10,9 @@ arena grows by brk, and glibc maps no chunk with mmap and never trims the heap (
 process keeps its high-water mark of memory until it exits. (Until 2026-12-06 the mmap threshold
 was raised to 1 GiB instead, which still faulted in stage 2's 4.7 GiB update buffer every step.)
 Measured: the training-step benches take 12-28 % less time, the inference benches are
-unchanged within their spread, but the Generate-Reflect-Edit
-loop is 1-2 % slower and the whole ShapesSG demo (rollout-heavy) 3 % slower, since host work no
-longer overlaps XLA's. Hence per job: the config field `cpu_inline` (every tool's, from
-configs/common.py) is `0` by default and `auto` for the pretraining and SFT jobs
+unchanged within their spread, but the Generate-Reflect-Edit loop is 1-2 % slower and the
+whole ShapesSG demo (rollout-heavy) 3 % slower, since host work no longer overlaps XLA's.
+Hence per job: the config field `cpu_inline` (every tool's, from configs/common.py) is `0` by default and `auto` for the pretraining and SFT jobs
 (configs/shapes_train.py: the Diffuser's pretraining 16-26 % more steps a second on an AMD
 EPYC, the Actor's SFT 6-9 %).
 
@@ -56,9 +55,7 @@ HUGEPAGES_FIELD = "cpu_hugepages"
 VALUES = ("", "auto", "0", "1")
 TUNABLE = "glibc.malloc.hugetlb=1"
 THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
-# mallopt's parameters (malloc.h): no mmap'd chunks at all (M_MMAP_MAX 0: every allocation of
-# the calling thread comes from the brk heap) and no trimming (M_TRIM_THRESHOLD -1), so a freed
-# temp buffer of any size stays mapped for the next call
+# mallopt's parameters (malloc.h) and the values the setting gives them (module docstring)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _NO_TRIM, _NO_MMAP = -1, 0
 

@@ -42,10 +42,10 @@ print(json.dumps({"applied": applied, "faults": faults,
 """
 
 
-def measure(inline: str, hugepages: bool = False) -> dict:
+def measure(inline: str, hugepages: bool = False, script: str = FAULTS) -> dict:
     env = runtime.with_hugepages(dict(tool_env(), RIG_CPU_INLINE=inline), hugepages)
     env.pop("XLA_FLAGS")   # the tests' -O0 makes the scans ten times slower; faults are the same
-    out = subprocess.run([sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True, timeout=120).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -86,11 +86,9 @@ print(json.dumps({"applied": applied, "faults": resource.getrusage(resource.RUSA
 def test_inline_keeps_a_freed_block_of_any_size():
     """A block above any mmap threshold is not handed back to the kernel and faulted in again
     (295,000 faults without the setting)."""
-    env = dict(tool_env(), RIG_CPU_INLINE="1")
-    out = subprocess.run([sys.executable, "-c", LARGE], env=env, capture_output=True, text=True,
-                         check=True, timeout=120).stdout
-    result = json.loads(out.strip().splitlines()[-1])
+    result = measure("1", script=LARGE)
     assert result["applied"] and result["faults"] < 1_000, result
+
 
 @pytest.mark.parametrize("mode, platforms, accelerator, wanted", [
     ("auto", "cpu", True, True),            # the user asked jax for the CPU only
