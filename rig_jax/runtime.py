@@ -12,9 +12,9 @@ was raised to 1 GiB instead, which still faulted in stage 2's 4.7 GiB update buf
 Measured: the training-step benches take 12-28 % less time, the inference benches are
 unchanged within their spread, but the Generate-Reflect-Edit loop is 1-2 % slower and the
 whole ShapesSG demo (rollout-heavy) 3 % slower, since host work no longer overlaps XLA's.
-Hence per job: the config field `cpu_inline` (every tool's, from configs/common.py) is `0` by default and `auto` for the pretraining and SFT jobs
-(configs/shapes_train.py: the Diffuser's pretraining 16-26 % more steps a second on an AMD
-EPYC, the Actor's SFT 6-9 %).
+Hence per job: the config field `cpu_inline` (every tool's, from configs/common.py) is `0` by
+default and `auto` for the pretraining and SFT jobs (configs/shapes_train.py: the Diffuser's
+pretraining 16-26 % more steps a second on an AMD EPYC, the Actor's SFT 6-9 %).
 
 Values: `0` off; `1` on; `auto` on when jax can only run on the CPU (`JAX_PLATFORMS` is `cpu`,
 or it is unset and no accelerator package, libtpu or a `jax_plugins` plugin, is installed), so
